@@ -1,0 +1,28 @@
+# `make test` and `make demo` set everything up on a fresh machine (a virtualenv in .venv), then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install clean
+
+install: $(STAMP)
+
+# fairseq's C++ extensions must be built against the torch that runs them: torch first, then fairseq
+# without build isolation.
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" cython numpy setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo/run.sh
+
+clean:
+	rm -rf $(VENV) demo

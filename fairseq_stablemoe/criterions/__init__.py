@@ -1,0 +1,1 @@
+from . import stablemoe_cross_entropy  # noqa: F401

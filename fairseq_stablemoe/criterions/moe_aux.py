@@ -1,0 +1,72 @@
+"""MoE losses and routing statistics, summed over all MoE layers, for any task criterion."""
+import math
+from collections import defaultdict
+from typing import Dict
+
+import torch
+from fairseq import metrics, utils
+
+from ..moe import moe_layers
+
+
+def collect_moe_aux(model) -> Dict[str, torch.Tensor]:
+    """Sum every MoE layer's losses and token statistics of the last forward; load spread per layer."""
+    total: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
+    for layer in moe_layers(model):
+        aux = dict(layer.aux)
+        load = aux.pop("load", None)
+        for key, value in aux.items():
+            total[key] = total[key] + value.detach() if not key.endswith("_loss") else total[key] + value
+        if load is not None:
+            load = load.float()
+            mean = load.mean().clamp(min=1e-9)
+            total["load_max_over_mean"] = total["load_max_over_mean"] + load.max() / mean
+            total["load_cv"] = total["load_cv"] + load.std(unbiased=False) / mean
+            total["unused_experts"] = total["unused_experts"] + (load == 0).sum()
+            total["forwards"] = total["forwards"] + 1
+        if load is not None and hasattr(layer.routing, "stage"):
+            total["stage"] = total["stage"] + layer.routing.stage.float()
+    return total
+
+
+class MoEAuxLossMixin:
+    """Mix into a criterion: `aux_factors` maps a layer loss name (e.g. balance) to its weight."""
+
+    aux_factors: Dict[str, float] = {}
+
+    def add_moe_losses(self, model, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
+        aux = collect_moe_aux(model)
+        loss = task_loss
+        for name, factor in self.aux_factors.items():
+            value = aux.get(f"{name}_loss")
+            if value is None:  # e.g. stage 2, or validation: the term is not part of the objective
+                value = task_loss.new_zeros(())
+            elif factor:
+                loss = loss + factor * value
+            logging_output[f"moe_{name}_loss"] = value.data
+        for key, value in aux.items():
+            if not key.endswith("_loss"):
+                logging_output[f"moe_{key}"] = value
+        logging_output["nll_loss"] = task_loss.data
+        logging_output["loss"] = loss.data
+        return loss
+
+    @staticmethod
+    def reduce_moe_metrics(logging_outputs) -> None:
+        def total(key):
+            return utils.item(sum(log.get(key, 0) for log in logging_outputs))
+
+        ntokens, sample_size = total("ntokens"), total("sample_size")
+        metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
+        metrics.log_scalar("nll_loss", total("nll_loss") / sample_size / math.log(2), sample_size, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+        routed, forwards = total("moe_tokens"), total("moe_forwards")
+        if routed > 0:
+            for key in [k for k in logging_outputs[0] if k.startswith("moe_") and k.endswith("_loss")]:
+                metrics.log_scalar(key[4:], total(key) / routed, routed, round=4)
+            metrics.log_scalar("distill_acc", total("moe_distill_agree") / routed, routed, round=4)
+            metrics.log_scalar("dropped", total("moe_dropped") / routed, routed, round=4)
+        if forwards > 0:
+            for key, name in [("moe_load_max_over_mean", "load_max_mean"), ("moe_load_cv", "load_cv"),
+                              ("moe_unused_experts", "unused_experts"), ("moe_stage", "stage")]:
+                metrics.log_scalar(name, total(key) / forwards, forwards, round=3)

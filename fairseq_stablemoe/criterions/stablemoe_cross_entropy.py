@@ -1,0 +1,41 @@
+from dataclasses import dataclass, field
+
+from fairseq.criterions import register_criterion
+from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
+
+from .moe_aux import MoEAuxLossMixin
+
+
+@dataclass
+class StableMoECrossEntropyConfig(CrossEntropyCriterionConfig):
+    balance_factor: float = field(default=0.3, metadata={"help": "α: weight of the balance loss (paper Eq. 8)"})
+    distill_factor: float = field(default=0.3, metadata={"help": "weight of the distillation loss (paper Eq. 10)"})
+
+
+@register_criterion("stablemoe_cross_entropy", dataclass=StableMoECrossEntropyConfig)
+class StableMoECrossEntropyCriterion(MoEAuxLossMixin, CrossEntropyCriterion):
+    """Task loss + α·L_bal + β·L_dis; every term a token sum, normalised by fairseq's sample size."""
+
+    def __init__(self, task, sentence_avg, balance_factor, distill_factor):
+        super().__init__(task, sentence_avg)
+        self.aux_factors = {"balance": balance_factor, "distill": distill_factor}
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        nll_loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        loss = self.add_moe_losses(model, nll_loss, logging_output)
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        MoEAuxLossMixin.reduce_moe_metrics(logging_outputs)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

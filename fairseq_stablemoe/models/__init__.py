@@ -1,0 +1,1 @@
+from . import stablemoe_lm  # noqa: F401

@@ -1,0 +1,31 @@
+"""What every StableMoE model shares: its MoE layers, the task it trains under, checkpoint checks."""
+from typing import List
+
+from ..moe import MoELayer, moe_layers
+
+
+class MoEModelMixin:
+    # set by StageSwitchingTask.build_model: only such a task switches StableMoE's stages in training
+    stage_switching_task = False
+
+    def moe_layers(self) -> List[MoELayer]:
+        return list(moe_layers(self))
+
+    def forward(self, *args, **kwargs):
+        if self.training and not self.stage_switching_task:
+            raise RuntimeError(
+                "StableMoE models train only under a task that switches their stages: use --task "
+                "stablemoe_language_modeling (LM) or --task stablemoe_translation_multi_simple_epoch "
+                "(translation). Evaluation works under any task.")
+        return super().forward(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        for name, param in self.state_dict().items():
+            if name.endswith("distilled_router.embed.weight") and name in state_dict:
+                saved = state_dict[name].shape[0]
+                if saved != param.shape[0]:
+                    raise ValueError(
+                        f"the checkpoint's distilled router covers {saved} token ids but this model's dictionary "
+                        f"has {param.shape[0]}: evaluate with the dictionary the model was trained with "
+                        f"(the data directory passed to fairseq-train)")
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)

@@ -1,0 +1,66 @@
+"""The MoE flags shared by every model of the plugin, and their checks."""
+from dataclasses import dataclass, field
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+from .distilled_router import DISTILLED_ROUTERS
+from .routing import ROUTINGS
+
+MOE_POSITIONS = ChoiceEnum(["middle", "top", "bottom", "scattered"])
+MOE_ROUTINGS = ChoiceEnum(list(ROUTINGS))
+DISTILLED_ROUTER_TYPES = ChoiceEnum(list(DISTILLED_ROUTERS))
+
+
+@dataclass
+class MoEConfig(FairseqDataclass):
+    moe_layers: int = field(default=1, metadata={"help": "number of MoE layers"})
+    moe_position: MOE_POSITIONS = field(
+        default="middle",
+        metadata={"help": "where MoE layers go: stacked after block L/2 (middle), after the last block (top), "
+                          "before the first (bottom), or one after each of evenly spaced blocks (scattered)"},
+    )
+    moe_experts: int = field(default=32, metadata={"help": "experts per MoE layer (N)"})
+    moe_sublayers: int = field(default=3, metadata={"help": "pre-LN residual FFN sublayers per expert"})
+    moe_ffn_embed_dim: int = field(default=0, metadata={"help": "expert FFN inner size (0 = the model's FFN size)"})
+    moe_routing: MOE_ROUTINGS = field(default="stablemoe", metadata={"help": "routing strategy"})
+    stage1_updates: int = field(
+        default=6000, metadata={"help": "StableMoE: updates of stage 1; from this update on the distilled "
+                                         "router is frozen and routes alone (stage 2)"})
+    distilled_router: DISTILLED_ROUTER_TYPES = field(
+        default="wordemb", metadata={"help": "StableMoE distilled router: word embedding, causal width-5 CNN, "
+                                             "or bigram embedding"})
+    distilled_dim: int = field(default=50, metadata={"help": "StableMoE distilled router feature size"})
+    capacity_factor: float = field(
+        default=0.0, metadata={"help": "training: an expert takes at most factor × tokens / experts tokens, "
+                                       "the rest pass through unchanged (0 = unlimited)"})
+    eval_capacity_factor: float = field(
+        default=0.0, metadata={"help": "the same at validation and inference (0 = unlimited)"})
+
+
+def validate_moe_config(cfg, num_blocks: int):
+    """Fail early, naming the flag and the fix."""
+    def fail(msg):
+        raise ValueError(msg)
+
+    if cfg.moe_experts < 2:
+        fail(f"--moe-experts must be at least 2 (got {cfg.moe_experts}); for a dense control use --moe-experts 2 "
+             f"or more with the dense arch")
+    if cfg.moe_sublayers < 1:
+        fail(f"--moe-sublayers must be at least 1 (got {cfg.moe_sublayers})")
+    if cfg.moe_layers < 1:
+        fail(f"--moe-layers must be at least 1 (got {cfg.moe_layers}); for a model without MoE use transformer_lm")
+    if cfg.moe_layers > num_blocks:
+        fail(f"--moe-layers {cfg.moe_layers} is larger than the number of Transformer blocks ({num_blocks}); "
+             f"use at most {num_blocks} or more blocks")
+    if cfg.distilled_dim < 1:
+        fail(f"--distilled-dim must be at least 1 (got {cfg.distilled_dim}); the paper uses 50")
+    if cfg.stage1_updates < 0:
+        fail(f"--stage1-updates must be >= 0 (got {cfg.stage1_updates}); the paper uses 10% of --max-update")
+    if cfg.capacity_factor < 0 or cfg.eval_capacity_factor < 0:
+        fail(f"--capacity-factor/--eval-capacity-factor must be >= 0 (got {cfg.capacity_factor}/"
+             f"{cfg.eval_capacity_factor}); 0 means unlimited")
+    for flag, value, known in (("--distilled-router", cfg.distilled_router, DISTILLED_ROUTERS),
+                               ("--moe-routing", cfg.moe_routing, ROUTINGS),
+                               ("--moe-position", cfg.moe_position, [str(p) for p in MOE_POSITIONS])):
+        if str(value) not in known:  # configs loaded by hydra or Python bypass argparse's choices
+            fail(f"{flag} {value} is unknown; choose one of {', '.join(known)}")

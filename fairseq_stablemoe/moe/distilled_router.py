@@ -1,0 +1,93 @@
+"""Distilled routers (paper §3.1, Eqs. 9-10): a light model of the token ids that learns to
+predict the backbone's routing in stage 1 and alone routes, frozen, in stage 2.
+
+Every router maps token ids (B x S, the whole prefix) to features ĥ (B x S x D); the scores are
+ŝ = ĥ·Êᵀ. Routers see the whole prefix so that incremental decoding (where the decoder only
+feeds the newest position) routes exactly like a full-sequence forward.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DistilledRouter(nn.Module):
+    def __init__(self, vocab_size: int, num_experts: int, dim: int, padding_idx: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.padding_idx = padding_idx
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=padding_idx)  # D, N(0, 1) init
+        nn.init.normal_(self.embed.weight)
+        self.embed.weight.data[padding_idx].zero_()
+        self.centroids = nn.Parameter(torch.empty(num_experts, dim))  # Ê
+        nn.init.orthogonal_(self.centroids, gain=0.1)
+
+    @property
+    def frozen(self) -> bool:
+        return not self.centroids.requires_grad
+
+    def freeze(self):
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+    def forward(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
+        """ŝ (B x last x N) for the `last` newest positions of `tokens` (B x S)."""
+        h = self.features(tokens)[:, -last:]
+        return F.linear(h.float(), self.centroids.float())
+
+    @torch.no_grad()
+    def route(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
+        """â = argmax_i ŝ_i (Eq. 13), B x last."""
+        return self(tokens, last).argmax(-1)
+
+
+class WordEmbeddingRouter(DistilledRouter):
+    """ĥ_t = D(x_t): routing depends on the token id alone, so once frozen it is a table."""
+
+    def __init__(self, vocab_size, num_experts, dim, padding_idx):
+        super().__init__(vocab_size, num_experts, dim, padding_idx)
+        # token id -> expert, filled when the router is frozen; -1 = not built yet
+        self.register_buffer("table", torch.full((vocab_size,), -1, dtype=torch.long))
+
+    def freeze(self):
+        super().freeze()
+        with torch.no_grad():
+            ids = torch.arange(self.vocab_size, device=self.table.device)
+            self.table.copy_(self(ids.unsqueeze(0), self.vocab_size).argmax(-1).squeeze(0))
+
+    @torch.no_grad()
+    def route(self, tokens, last):
+        if self.frozen and self.table[0] >= 0:
+            return self.table[tokens[:, -last:]]
+        return super().route(tokens, last)
+
+
+class CNNRouter(DistilledRouter):
+    """ĥ_t = Σ_{k<5} w_k · D(x_{t-k}): a causal width-5 convolution with one scalar per offset."""
+
+    width = 5
+
+    def __init__(self, vocab_size, num_experts, dim, padding_idx):
+        super().__init__(vocab_size, num_experts, dim, padding_idx)
+        self.kernel = nn.Parameter(torch.empty(self.width).uniform_(-0.447, 0.447))
+
+    def features(self, tokens):
+        e = self.embed(tokens)  # B x S x D
+        b, s, d = e.shape
+        x = F.pad(e.transpose(1, 2).reshape(b * d, 1, s), (self.width - 1, 0))
+        # conv1d correlates: weight[j] meets position t - (width-1-j), hence the flip
+        y = F.conv1d(x, self.kernel.flip(0).view(1, 1, -1).to(x.dtype))
+        return y.view(b, d, s).transpose(1, 2)
+
+
+class BigramRouter(DistilledRouter):
+    """ĥ_t = (D(x_t) + D(x_{t-1})) / 2, with a zero vector before the first token."""
+
+    def features(self, tokens):
+        e = self.embed(tokens)
+        return (e + F.pad(e, (0, 0, 1, 0))[:, :-1]) / 2
+
+
+DISTILLED_ROUTERS = {"wordemb": WordEmbeddingRouter, "cnn": CNNRouter, "bigram": BigramRouter}

@@ -1,0 +1,55 @@
+"""The experts: each one a stack of pre-LN residual FFN sublayers (as fairseq's BASE layers)."""
+from typing import Iterable, List
+
+import torch
+import torch.nn as nn
+from fairseq import utils
+from fairseq.modules import LayerNorm
+
+
+class ExpertSublayer(nn.Module):
+    """x + W2·act(W1·LN(x)), with W2 zero-initialised so an untrained expert is the identity."""
+
+    def __init__(self, dim: int, ffn_dim: int, activation: str = "relu"):
+        super().__init__()
+        self.activation_fn = utils.get_activation_fn(activation)
+        self.norm = LayerNorm(dim)
+        self.ff1 = nn.Linear(dim, ffn_dim)
+        self.ff2 = nn.Linear(ffn_dim, dim)
+        nn.init.zeros_(self.ff2.weight)
+
+    def forward(self, x):
+        return x + self.ff2(self.activation_fn(self.ff1(self.norm(x))))
+
+
+def build_expert(dim: int, ffn_dim: int, sublayers: int, activation: str = "relu") -> nn.Sequential:
+    return nn.Sequential(*[ExpertSublayer(dim, ffn_dim, activation) for _ in range(sublayers)])
+
+
+class Experts(nn.Module):
+    """The experts that live in this process, keyed by their *global* id.
+
+    Keys are global ids so that a checkpoint names the same expert the same way at any world size.
+    """
+
+    def __init__(self, global_ids: Iterable[int], dim: int, ffn_dim: int, sublayers: int,
+                 activation: str = "relu"):
+        super().__init__()
+        self.global_ids: List[int] = list(global_ids)
+        self.experts = nn.ModuleDict(
+            {str(i): build_expert(dim, ffn_dim, sublayers, activation) for i in self.global_ids}
+        )
+
+    def __len__(self):
+        return len(self.global_ids)
+
+    def forward(self, x_sorted: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        """Run each expert on its contiguous slice of `x_sorted` (rows grouped by local expert).
+
+        One matrix multiply per non-empty expert, no padding: cost follows the real load.
+        """
+        outputs = []
+        for expert_id, chunk in zip(self.global_ids, x_sorted.split(counts)):
+            outputs.append(self.experts[str(expert_id)](chunk) if chunk.size(0) > 0 else chunk)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+

@@ -1,0 +1,79 @@
+"""One MoE layer: a routing strategy decides, the shared machinery dispatches, computes, combines."""
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .dispatch import LocalDispatcher
+from .experts import Experts
+from .routing import Routing, TokenView
+
+
+def capacity_keep(expert_sorted: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Which of the expert-sorted tokens fit: the first `capacity` of each expert, in token order."""
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(expert_sorted.numel(), device=counts.device) - starts[expert_sorted]
+    return rank_in_expert < capacity
+
+
+class MoELayer(nn.Module):
+    """h_t + g_t · FFN_{e_t}(h_t) for each token's expert e_t (paper Eq. 4), inserted between blocks.
+
+    Pad tokens are not routed: they pass through unchanged and count in no statistic or loss.
+    Tokens over an expert's capacity pass through unchanged too.
+    """
+
+    def __init__(self, routing: nn.Module, experts: Experts, num_experts: int, padding_idx: int,
+                 capacity_factor: float = 0.0, eval_capacity_factor: float = 0.0, dispatcher=None):
+        super().__init__()
+        self.routing = routing
+        self.experts = experts
+        self.num_experts = num_experts
+        self.padding_idx = padding_idx
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.dispatcher = dispatcher or LocalDispatcher()
+        self.route_tokens: Optional[torch.Tensor] = None  # B x S token ids, set by the model per forward
+        self.aux: Dict[str, torch.Tensor] = {}  # losses and statistics of the last forward
+
+    def forward(self, x: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: T x B x C hidden states; tokens: B x S ids whose last T positions are x's tokens."""
+        tokens = self.route_tokens if tokens is None else tokens
+        if tokens is None:
+            raise RuntimeError("MoELayer needs the token ids: the model sets them before each forward")
+        seq_len, bsz, dim = x.shape
+        flat = x.reshape(-1, dim)
+        pad = tokens[:, -seq_len:].t().reshape(-1).eq(self.padding_idx)
+        index = pad.logical_not().nonzero().squeeze(1) if pad.any() else None
+        h = flat if index is None else flat[index]
+
+        routing = self.routing(h, TokenView(tokens, seq_len, index))
+        y = self._compute(h, routing)
+
+        out = y if index is None else flat.index_copy(0, index, y)
+        return out.view(seq_len, bsz, dim)
+
+    def _compute(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
+        expert = routing.expert
+        expert_sorted, order = torch.sort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        dropped = counts.new_zeros(())
+        if factor > 0:
+            capacity = max(1, int(factor * h.size(0) / self.num_experts))
+            keep = capacity_keep(expert_sorted, counts, capacity)
+            order = order[keep]
+            dropped = counts.sum() - keep.sum()
+            counts = counts.clamp(max=capacity)
+
+        x_sorted = h[order]
+        y_sorted = self.dispatcher(x_sorted, counts.tolist(), self.experts)
+        if routing.gate is not None:
+            y_sorted = torch.lerp(x_sorted, y_sorted, routing.gate[order].to(y_sorted.dtype).unsqueeze(1))
+        self.aux = {
+            **{f"{k}_loss": v for k, v in routing.losses.items()},
+            **routing.stats,
+            "tokens": h.new_tensor(h.size(0), dtype=torch.long),
+            "dropped": dropped,
+        }
+        return h.index_copy(0, order, y_sorted)

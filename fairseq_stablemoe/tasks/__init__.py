@@ -1,0 +1,1 @@
+from . import stablemoe_language_modeling  # noqa: F401

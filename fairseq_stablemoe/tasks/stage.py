@@ -1,0 +1,64 @@
+"""The training-loop side of StableMoE, shared by the LM and translation tasks: the stage switch."""
+import logging
+
+from ..moe import moe_layers
+
+logger = logging.getLogger(__name__)
+
+
+def staged_routings(model):
+    return [layer.routing for layer in moe_layers(model) if hasattr(layer.routing, "enter_stage2")]
+
+
+def switch_stages(model, update_num: int) -> int:
+    """Move every staged routing whose stage 1 is over into stage 2 (once); return how many moved."""
+    moved = 0
+    for routing in staged_routings(model):
+        if update_num >= routing.stage1_updates and not routing.in_stage2:
+            routing.enter_stage2()
+            moved += 1
+    if moved:
+        logger.info(f"StableMoE: update {update_num}: {moved} MoE layer(s) enter stage 2; "
+                    f"distilled routers frozen, routing fixed from now on")
+    return moved
+
+
+def check_resumed_stage(model, update_num: int):
+    """A checkpoint written in stage 2 cannot go back to stage 1 (its router would start moving again)."""
+    for routing in staged_routings(model):
+        if int(routing.stage) == 2 and update_num < routing.stage1_updates:
+            raise ValueError(
+                f"this checkpoint was saved in stage 2 but --stage1-updates {routing.stage1_updates} puts "
+                f"update {update_num} in stage 1; resume with --stage1-updates <= {update_num}, or restart "
+                f"training without --restore-file")
+
+
+class StageSwitchingTask:
+    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop."""
+
+    _resume_checked = False
+
+    def build_model(self, cfg, *args, **kwargs):
+        model = super().build_model(cfg, *args, **kwargs)
+        model.stage_switching_task = True
+        expert = sum(p.numel() for layer in moe_layers(model) for p in layer.experts.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        logger.info(f"StableMoE: {total - expert:,} shared parameters, {expert:,} expert parameters")
+        return model
+
+    def build_criterion(self, cfg, *args, **kwargs):
+        from ..criterions.moe_aux import MoEAuxLossMixin
+
+        criterion = super().build_criterion(cfg, *args, **kwargs)
+        if not isinstance(criterion, MoEAuxLossMixin):
+            raise ValueError(
+                f"--criterion {cfg._name} ignores the MoE balance and distillation losses; use "
+                f"--criterion stablemoe_cross_entropy (LM) or stablemoe_label_smoothed_cross_entropy (translation)")
+        return criterion
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if not self._resume_checked:
+            check_resumed_stage(model, update_num)
+            self._resume_checked = True
+        switch_stages(model, update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
