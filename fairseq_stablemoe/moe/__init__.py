@@ -4,7 +4,6 @@ from typing import Iterator, Type
 import torch.nn as nn
 
 from .config import MoEConfig, validate_moe_config
-from .distilled_router import DISTILLED_ROUTERS
 from .experts import Experts
 from .layer import MoELayer
 from .placement import DecoderMoELayer, EncoderMoELayer, feed_token_ids, place_moe_layers
@@ -12,10 +11,6 @@ from .routing import ROUTINGS, StableMoERouting
 
 
 def build_routing(cfg, dim: int, vocab_size: int, padding_idx: int) -> nn.Module:
-    if str(cfg.moe_routing) == "stablemoe":
-        router = DISTILLED_ROUTERS[str(cfg.distilled_router)](
-            vocab_size, cfg.moe_experts, cfg.distilled_dim, padding_idx)
-        return StableMoERouting(dim, cfg.moe_experts, router, cfg.stage1_updates)
     return ROUTINGS[str(cfg.moe_routing)].build(cfg, dim, vocab_size, padding_idx)
 
 

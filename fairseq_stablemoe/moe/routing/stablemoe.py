@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distilled_router import DistilledRouter
+from ..distilled_router import DISTILLED_ROUTERS, DistilledRouter
 from .base import Routing, TokenView, affinities, expert_load
 
 
@@ -41,6 +41,12 @@ class StableMoERouting(nn.Module):
         # 1 or 2; saved with the model so a checkpoint says which stage it was written in
         self.register_buffer("stage", torch.tensor(1))
 
+    @classmethod
+    def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int) -> "StableMoERouting":
+        router = DISTILLED_ROUTERS[str(cfg.distilled_router)](
+            vocab_size, cfg.moe_experts, cfg.distilled_dim, padding_idx)
+        return cls(dim, cfg.moe_experts, router, cfg.stage1_updates)
+
     @property
     def in_stage2(self) -> bool:
         return self.distilled_router.frozen
@@ -49,6 +55,13 @@ class StableMoERouting(nn.Module):
         """Freeze the distilled router for real: no gradient, so no optimizer (momentum included) moves it."""
         self.distilled_router.freeze()
         self.stage.fill_(2)
+
+    @torch.no_grad()
+    def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
+        """The expert each token would go to in training now, with no side effect (for routing probes)."""
+        if self.in_stage2:
+            return tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))
+        return affinities(h, self.centroids).argmax(-1)
 
     def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
         s = affinities(h, self.centroids)  # (5), differentiable only through the gate below
