@@ -34,6 +34,13 @@ class MoEAuxLossMixin:
 
     aux_factors: Dict[str, float] = {}
 
+    def set_aux_factors(self, **factors: float):
+        """e.g. set_aux_factors(balance=α, distill=β); a negative weight would reward the opposite."""
+        for name, factor in factors.items():
+            if not factor >= 0:  # also NaN
+                raise ValueError(f"--{name}-factor must be >= 0 (got {factor}); 0 switches the {name} loss off")
+        self.aux_factors = dict(factors)
+
     def add_moe_losses(self, model, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
         aux = collect_moe_aux(model)
         loss = task_loss

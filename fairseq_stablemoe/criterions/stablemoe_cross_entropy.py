@@ -18,7 +18,7 @@ class StableMoECrossEntropyCriterion(MoEAuxLossMixin, CrossEntropyCriterion):
 
     def __init__(self, task, sentence_avg, balance_factor, distill_factor):
         super().__init__(task, sentence_avg)
-        self.aux_factors = {"balance": balance_factor, "distill": distill_factor}
+        self.set_aux_factors(balance=balance_factor, distill=distill_factor)
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])

@@ -1,4 +1,5 @@
 """The MoE flags shared by every model of the plugin, and their checks."""
+import math
 from dataclasses import dataclass, field
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -47,6 +48,8 @@ def validate_moe_config(cfg, num_blocks: int):
              f"or more with the dense arch")
     if cfg.moe_sublayers < 1:
         fail(f"--moe-sublayers must be at least 1 (got {cfg.moe_sublayers})")
+    if cfg.moe_ffn_embed_dim < 0:
+        fail(f"--moe-ffn-embed-dim must be >= 0 (got {cfg.moe_ffn_embed_dim}); 0 means the model's FFN size")
     if cfg.moe_layers < 1:
         fail(f"--moe-layers must be at least 1 (got {cfg.moe_layers}); for a model without MoE use transformer_lm")
     if cfg.moe_layers > num_blocks:
@@ -56,6 +59,9 @@ def validate_moe_config(cfg, num_blocks: int):
         fail(f"--distilled-dim must be at least 1 (got {cfg.distilled_dim}); the paper uses 50")
     if cfg.stage1_updates < 0:
         fail(f"--stage1-updates must be >= 0 (got {cfg.stage1_updates}); the paper uses 10% of --max-update")
+    if not (math.isfinite(cfg.capacity_factor) and math.isfinite(cfg.eval_capacity_factor)):
+        fail(f"--capacity-factor/--eval-capacity-factor must be finite (got {cfg.capacity_factor}/"
+             f"{cfg.eval_capacity_factor}); use 0 for unlimited")
     if cfg.capacity_factor < 0 or cfg.eval_capacity_factor < 0:
         fail(f"--capacity-factor/--eval-capacity-factor must be >= 0 (got {cfg.capacity_factor}/"
              f"{cfg.eval_capacity_factor}); 0 means unlimited")

@@ -33,9 +33,10 @@ class DistilledRouter(nn.Module):
         return self.embed(tokens)
 
     def forward(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
-        """ŝ (B x last x N) for the `last` newest positions of `tokens` (B x S)."""
-        h = self.features(tokens)[:, -last:]
-        return F.linear(h.float(), self.centroids.float())
+        """ŝ (B x last x N) for the `last` newest positions of `tokens` (B x S), in float32 under any autocast."""
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            h = self.features(tokens)[:, -last:].float()
+            return F.linear(h, self.centroids.float())
 
     @torch.no_grad()
     def route(self, tokens: torch.Tensor, last: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Where MoE layers go in a stack of Transformer blocks, and how they get the token ids."""
 from typing import List
 
+import torch
 import torch.nn as nn
 
 from .layer import MoELayer
@@ -36,14 +37,28 @@ def place_moe_layers(layers: nn.ModuleList, moe_layers: List[MoELayer], position
         layers.insert(at, moe_layers[i])
 
 
+def check_token_ids(tokens: torch.Tensor, vocab_size: int):
+    """Before the embedding sees them: an id past the table is a bare IndexError on CPU and a device-side
+    assert on GPU; routers index tables of the same size."""
+    if tokens.numel() and (tokens.max() >= vocab_size or tokens.min() < 0):
+        bad = tokens[(tokens >= vocab_size) | (tokens < 0)][0]
+        raise ValueError(
+            f"token id {int(bad)} is outside the model's dictionary (0..{vocab_size - 1}): the data was binarized "
+            f"with another dictionary than the model's; binarize it with the model's dict.txt "
+            f"(fairseq-preprocess --srcdict)")
+
+
 def feed_token_ids(stack: nn.Module, moe_layers: List[MoELayer], tokens_arg: str):
     """Before each forward of `stack` (a fairseq encoder or decoder), hand its token ids to its MoE layers.
 
     The ids are the whole prefix even in incremental decoding; each layer picks its own positions.
     """
 
+    vocab_size = stack.embed_tokens.num_embeddings
+
     def hook(module, args, kwargs):
         tokens = args[0] if args else kwargs[tokens_arg]
+        check_token_ids(tokens, vocab_size)
         for layer in moe_layers:
             layer.route_tokens = tokens
 

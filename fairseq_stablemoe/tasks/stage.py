@@ -1,6 +1,9 @@
 """The training-loop side of StableMoE, shared by the LM and translation tasks: the stage switch."""
 import logging
 
+import torch.distributed as dist
+
+from ..checkpoints import prepare_resume
 from ..moe import moe_layers
 
 logger = logging.getLogger(__name__)
@@ -33,18 +36,62 @@ def check_resumed_stage(model, update_num: int):
                 f"training without --restore-file")
 
 
+def warn_stage_schedule(model, max_update: int) -> None:
+    """Legal schedules that are rarely what the user meant: no stage 2, or no stage 1."""
+    for routing in staged_routings(model)[:1]:
+        if 0 < max_update <= routing.stage1_updates:
+            logger.warning(
+                f"--stage1-updates {routing.stage1_updates} >= --max-update {max_update}: training stays in "
+                f"stage 1 (routing never frozen); the paper uses --stage1-updates = 10% of --max-update")
+        elif routing.stage1_updates == 0:
+            logger.warning("--stage1-updates 0 skips stage 1: the distilled router is frozen untrained, so routing "
+                           "is random and fixed; the paper uses --stage1-updates = 10% of --max-update")
+
+
+def check_optimizer(optimizer):
+    """fairseq's flattened fp16/bf16 optimizer keeps one fp32 copy of all parameters built at the start: it
+    misplaces gradients once the distilled router is frozen and copies momentum updates back into it."""
+    if getattr(optimizer, "has_flat_params", False):
+        raise ValueError(
+            "--fp16 flattens all parameters into one fp32 copy, which moves StableMoE's frozen distilled router "
+            "in stage 2: add --fp16-no-flatten-grads (or use --memory-efficient-fp16)")
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 class StageSwitchingTask:
-    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop."""
+    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop.
+
+    The task reads three training options through its config (save_dir, restore_file, max_update: see
+    StableMoELanguageModelingConfig; legacy argparse tasks have them in their args).
+    """
 
     _resume_checked = False
 
-    def build_model(self, cfg, *args, **kwargs):
-        model = super().build_model(cfg, *args, **kwargs)
+    def _training_option(self, name, default=None):
+        for cfg in (getattr(self, "cfg", None), getattr(self, "args", None)):
+            value = getattr(cfg, name, None) if cfg is not None else None
+            if value is not None:
+                return value
+        return default
+
+    def build_model(self, cfg, from_checkpoint=False):  # fairseq looks for `from_checkpoint` by name
+        model = super().build_model(cfg, from_checkpoint)
         model.stage_switching_task = True
         expert = sum(p.numel() for layer in moe_layers(model) for p in layer.experts.parameters())
         total = sum(p.numel() for p in model.parameters())
         logger.info(f"StableMoE: {total - expert:,} shared parameters, {expert:,} expert parameters")
+        if not from_checkpoint:  # fairseq-train builds a fresh model, then loads the checkpoint it resumes
+            self.prepare_training(model)
         return model
+
+    def prepare_training(self, model):
+        warn_stage_schedule(model, int(self._training_option("max_update", 0)))
+        save_dir = self._training_option("save_dir")
+        if save_dir is not None and _is_main_process():
+            prepare_resume(save_dir, self._training_option("restore_file", "checkpoint_last.pt"))
 
     def build_criterion(self, cfg, *args, **kwargs):
         from ..criterions.moe_aux import MoEAuxLossMixin
@@ -59,6 +106,7 @@ class StageSwitchingTask:
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if not self._resume_checked:
             check_resumed_stage(model, update_num)
+            check_optimizer(optimizer)
             self._resume_checked = True
         switch_stages(model, update_num)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)

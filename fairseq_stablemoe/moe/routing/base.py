@@ -36,9 +36,11 @@ class TokenView:
 
 
 def affinities(h: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """s_{t,i} = E_iᵀ h_t, always in float32 so mixed precision cannot change a routing decision."""
+    """s_{t,i} = E_iᵀ h_t, always in float32 so mixed precision cannot change a routing decision, and always
+    finite: NaN counts as 0 and ±inf as the largest float, so a token whose hidden state overflowed still
+    gets a valid expert and a finite gate (its gradient through the replaced entries is 0)."""
     with torch.autocast(device_type=h.device.type, enabled=False):
-        return F.linear(h.float(), centroids.float())
+        return torch.nan_to_num(F.linear(h.float(), centroids.float()), nan=0.0)
 
 
 def expert_load(expert: torch.Tensor, num_experts: int, global_: bool) -> torch.Tensor:
