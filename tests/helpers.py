@@ -5,8 +5,12 @@ import subprocess
 import sys
 from typing import List, Optional
 
+import torch
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+# Tiny models gain nothing from intra-op threads, and on a shared CPU the threads only contend.
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(ROOT, "fairseq_stablemoe")
@@ -71,7 +75,7 @@ def build(data: str, *extra: str):
 def fairseq_train(data: str, save_dir: str, *extra: str, timeout: float = 120, check: bool = True):
     """Run the real fairseq-train CLI (a new process, as a user would)."""
     cmd = [sys.executable, "-m", "fairseq_cli.train", *train_args(data, "--save-dir", save_dir, *extra)]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"fairseq-train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
