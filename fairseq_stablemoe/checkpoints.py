@@ -9,7 +9,7 @@ weights-only unpickler before it runs. Training refuses such a file itself, with
 Robust: fairseq writes the first checkpoint of a save atomically (a .tmp file, then a rename) but
 *copies* it to checkpoint_last.pt / checkpoint_best.pt with a plain, non-atomic file copy. A run killed
 during that copy leaves a truncated checkpoint_last.pt, and the next launch would fail to resume.
-`prepare_resume` repairs that before fairseq loads it: the copy's source is intact beside it.
+`prepare_resume` repairs that before fairseq loads it: the copy's source is the newest intact file beside it.
 """
 import argparse
 import glob
@@ -90,14 +90,16 @@ def recover_truncated(path: str) -> str:
 
 
 def prepare_resume(save_dir: str, restore_file: str) -> Optional[str]:
-    """Before fairseq-train loads its checkpoint: repair a truncated checkpoint_last.pt, refuse a bad
-    --restore-file. Returns the path fairseq will load (None when it starts from scratch)."""
+    """Before fairseq-train loads its checkpoint: repair truncated copies (checkpoint_last.pt, checkpoint_best.pt),
+    refuse a bad --restore-file or checkpoint_last.pt. Returns the path fairseq will load (None when it starts from scratch)."""
     if restore_file == "checkpoint_last.pt":
+        # only copies (last, best) can be truncated: the files fairseq writes first are renamed into place
+        for path in checkpoint_files(save_dir):
+            if not is_intact(path):
+                recover_truncated(path)
         path = os.path.join(save_dir, restore_file)
         if not os.path.exists(path):
             return None
-        if not is_intact(path):
-            recover_truncated(path)
         check_checkpoint(path, flag="checkpoint")
         return path
     if not os.path.exists(restore_file):

@@ -1,7 +1,8 @@
 """Shared test helpers: a tiny synthetic corpus, binarized in-process, and tiny models built from flags."""
+import logging
+import multiprocessing
 import os
 import random
-import subprocess
 import sys
 from typing import List, Optional
 
@@ -72,11 +73,32 @@ def build(data: str, *extra: str):
     return cfg, task, model, criterion
 
 
-def fairseq_train(data: str, save_dir: str, *extra: str, timeout: float = 120, check: bool = True):
-    """Run the real fairseq-train CLI (a new process, as a user would)."""
-    cmd = [sys.executable, "-m", "fairseq_cli.train", *train_args(data, "--save-dir", save_dir, *extra)]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"fairseq-train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+def _fairseq_train_cli(argv, log_path):
+    torch.set_num_threads(1)
+    stream = open(log_path, "a", buffering=1)
+    sys.stdout = sys.stderr = stream
+    root = logging.getLogger()
+    root.handlers = [logging.StreamHandler(stream)]
+    root.setLevel(logging.INFO)
+    from fairseq_cli import train
+
+    sys.argv = ["fairseq-train", *argv]
+    train.cli_main()
+
+
+def start_fairseq_train(argv: List[str], log_path: str) -> multiprocessing.Process:
+    """`fairseq-train argv` in a forked process (no second import of torch and fairseq), output to log_path."""
+    process = multiprocessing.get_context("fork").Process(target=_fairseq_train_cli, args=(argv, log_path))
+    process.start()
+    return process
+
+
+def run_fairseq_train(argv: List[str], log_path: str, timeout: float = 120) -> str:
+    """Run `fairseq-train argv` to the end; returns its log."""
+    process = start_fairseq_train(argv, log_path)
+    process.join(timeout)
+    log = open(log_path).read()
+    if process.exitcode != 0:
+        process.kill()
+        raise AssertionError(f"fairseq-train failed ({process.exitcode}):\n{log[-4000:]}")
+    return log
