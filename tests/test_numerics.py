@@ -140,3 +140,22 @@ def test_half_precision_model_routes_in_float32(layer, dtype):
     assert all(v.dtype == torch.float32 for v in out.losses.values())
     expected = (x.reshape(-1, DIM).float() @ reference_centroids.t()).argmax(-1)
     assert torch.equal(out.expert, expected)
+
+
+def test_fp16_training_keeps_the_frozen_router_fixed(tmp_path):
+    """--fp16 --fp16-no-flatten-grads (runs on CPU too): the stage-2 router is bit-identical from the switch on,
+    and the logged aux losses are finite."""
+    from fairseq import checkpoint_utils
+
+    save_dir = str(tmp_path / "ckpt")
+    log = helpers.run_fairseq_train(helpers.train_args(
+        helpers.tiny_corpus(tmp_path), "--save-dir", save_dir, "--fp16", "--fp16-no-flatten-grads",
+        "--on-cpu-convert-precision", "--stage1-updates", "2", "--max-update", "6", "--save-interval-updates", "2", "--no-epoch-checkpoints",
+        "--num-workers", "0", "--log-format", "simple", "--log-interval", "1"), str(tmp_path / "train.log"))
+    assert "num_updates 6" in log and "balance_loss nan" not in log
+    models = {u: checkpoint_utils.load_checkpoint_to_cpu(f"{save_dir}/checkpoint_1_{u}.pt")["model"] for u in (2, 4, 6)}
+    router = [k for k in models[4] if ".distilled_router." in k]
+    assert [int(models[u]["decoder.layers.1.routing.stage"]) for u in (2, 4, 6)] == [1, 2, 2]
+    assert "loss_scale 128" in log  # fairseq's FP16Optimizer ran (checkpoints are saved in float32)
+    assert any(not torch.equal(models[2][k], models[4][k]) for k in router)  # it learned in stage 1
+    assert all(torch.equal(models[4][k], models[6][k]) for k in router)  # and stayed frozen in stage 2
