@@ -1,76 +1,100 @@
-"""Shared test helpers: a tiny synthetic corpus, binarized in-process, and tiny models built from flags."""
-import logging
-import multiprocessing
+"""Shared test helpers: a tiny synthetic corpus and fairseq's CLIs run in-process (no 5 s start-up each)."""
+import contextlib
+import io
 import os
 import random
+import subprocess
 import sys
-from typing import List, Optional
-
-import torch
-from fairseq import options, tasks
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-# Tiny models gain nothing from intra-op threads, and on a shared CPU the threads only contend.
-torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(ROOT, "fairseq_stablemoe")
 
-# A model small enough that a CPU update takes milliseconds; the flags a user would pass.
-TINY_LM = [
-    "--arch", "stablemoe_lm_tiny", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
-    "--decoder-layers", "2", "--decoder-attention-heads", "2", "--moe-experts", "4", "--moe-sublayers", "1",
-    "--distilled-dim", "8", "--tokens-per-sample", "32",
-]
 
-
-def write_corpus(directory: str, vocab: int = 40, lines: int = 200, seed: int = 0) -> None:
+def write_corpus(directory, vocab=120, lines=(600, 60, 60), seed=0):
+    """Zipf-ish random sentences in train/valid/test.txt; returns the directory."""
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(vocab)]
+    weights = [1.0 / (i + 1) for i in range(vocab)]
     os.makedirs(directory, exist_ok=True)
-    for split, n in (("train", lines), ("valid", max(8, lines // 10))):
+    for split, n in zip(("train", "valid", "test"), lines):
         with open(os.path.join(directory, f"{split}.txt"), "w") as f:
             for _ in range(n):
-                f.write(" ".join(rng.choice(words) for _ in range(rng.randint(4, 16))) + "\n")
+                f.write(" ".join(rng.choices(words, weights, k=rng.randint(4, 24))) + "\n")
+    return directory
 
 
-def binarize(text_dir: str, dest: str, srcdict: Optional[str] = None) -> str:
-    """fairseq-preprocess --only-source, in-process (saves the CLI's start-up time)."""
-    from fairseq_cli import preprocess
+def run_cli(module, args, cwd=None):
+    """Run a fairseq CLI in a fresh interpreter (fairseq's CLIs keep global state); return its output."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
 
-    argv = ["--only-source", "--trainpref", os.path.join(text_dir, "train.txt"),
-            "--validpref", os.path.join(text_dir, "valid.txt"), "--destdir", dest, "--workers", "1"]
-    if srcdict:
-        argv += ["--srcdict", srcdict]
-    preprocess.main(options.get_preprocessing_parser().parse_args(argv))
+
+def preprocess_lm(text_dir, dest):
+    run_cli("fairseq_cli.preprocess", [
+        "--only-source", "--trainpref", f"{text_dir}/train.txt", "--validpref", f"{text_dir}/valid.txt",
+        "--testpref", f"{text_dir}/test.txt", "--destdir", dest, "--workers", "1"])
     return dest
 
 
-def tiny_corpus(tmp_path, vocab: int = 40, lines: int = 200, name: str = "bin") -> str:
-    text = os.path.join(str(tmp_path), f"{name}-text")
-    write_corpus(text, vocab, lines)
-    return binarize(text, os.path.join(str(tmp_path), name))
+def train_lm_args(data, save_dir, *extra, stage1=10, max_update=20, seed=1):
+    return [
+        data, "--user-dir", PLUGIN, "--task", "stablemoe_language_modeling", "--arch", "stablemoe_lm_tiny",
+        "--criterion", "stablemoe_cross_entropy", "--stage1-updates", stage1, "--max-update", max_update,
+        "--optimizer", "adam", "--lr", "3e-3", "--tokens-per-sample", 32, "--batch-size", 4,
+        "--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64,
+        "--decoder-attention-heads", 2, "--moe-experts", 4, "--moe-sublayers", 1,
+        "--cpu", "--save-dir", save_dir, "--no-epoch-checkpoints", "--seed", seed,
+        "--log-format", "simple", "--log-interval", 1, "--num-workers", 0, *extra,
+    ]
 
 
-def train_args(data: str, *extra: str) -> List[str]:
-    return [data, "--user-dir", PLUGIN, "--task", "stablemoe_language_modeling",
-            "--criterion", "stablemoe_cross_entropy", "--optimizer", "adam", "--lr", "1e-3",
-            "--batch-size", "4", "--cpu", "--seed", "1", *TINY_LM, *extra]
+@contextlib.contextmanager
+def quiet():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
-def train_cfg(data: str, *extra: str):
-    """The config fairseq-train makes of these flags."""
-    args = options.parse_args_and_arch(options.get_training_parser(), train_args(data, *extra))
-    return convert_namespace_to_omegaconf(args)
+# --- in-process building and forked training (no interpreter start-up per run) ---
+
+import logging  # noqa: E402
+import multiprocessing  # noqa: E402
+
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and on a shared CPU the threads only contend.
+torch.set_num_threads(1)
 
 
-def build(data: str, *extra: str):
-    """(cfg, task, model, criterion) exactly as fairseq-train builds them from these flags."""
-    cfg = train_cfg(data, *extra)
+def tiny_lm_data(tmp_dir, vocab=40, lines=(200, 20, 20), name="bin"):
+    """write_corpus + fairseq-preprocess, binarized in-process; returns the data directory."""
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    text = write_corpus(os.path.join(str(tmp_dir), f"{name}-text"), vocab, lines)
+    dest = os.path.join(str(tmp_dir), name)
+    with quiet():
+        preprocess.main(options.get_preprocessing_parser().parse_args([
+            "--only-source", "--trainpref", f"{text}/train.txt", "--validpref", f"{text}/valid.txt",
+            "--testpref", f"{text}/test.txt", "--destdir", dest, "--workers", "1"]))
+    return dest
+
+
+def build_for_training(data, *extra, save_dir=None):
+    """(cfg, task, model, criterion) exactly as fairseq-train builds them from train_lm_args + extra flags."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    save_dir = save_dir or os.path.join(data, "no-checkpoints")
+    args = options.parse_args_and_arch(options.get_training_parser(),
+                                       list(map(str, train_lm_args(data, save_dir, *extra))))
+    cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    return cfg, task, model, criterion
+    return cfg, task, model, task.build_criterion(cfg.criterion)
 
 
 def _fairseq_train_cli(argv, log_path):
@@ -82,19 +106,20 @@ def _fairseq_train_cli(argv, log_path):
     root.setLevel(logging.INFO)
     from fairseq_cli import train
 
-    sys.argv = ["fairseq-train", *argv]
+    sys.argv = ["fairseq-train", *map(str, argv)]
     train.cli_main()
 
 
-def start_fairseq_train(argv: List[str], log_path: str) -> multiprocessing.Process:
-    """`fairseq-train argv` in a forked process (no second import of torch and fairseq), output to log_path."""
+def start_fairseq_train(argv, log_path):
+    """`fairseq-train argv` in a forked process (torch and fairseq already imported), output to log_path.
+    A real process of its own: it can be killed with SIGKILL."""
     process = multiprocessing.get_context("fork").Process(target=_fairseq_train_cli, args=(argv, log_path))
     process.start()
     return process
 
 
-def run_fairseq_train(argv: List[str], log_path: str, timeout: float = 120) -> str:
-    """Run `fairseq-train argv` to the end; returns its log."""
+def run_fairseq_train(argv, log_path, timeout=120):
+    """Run `fairseq-train argv` (forked) to the end; returns its log."""
     process = start_fairseq_train(argv, log_path)
     process.join(timeout)
     log = open(log_path).read()

@@ -10,14 +10,14 @@ import helpers
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return helpers.tiny_corpus(tmp_path_factory.mktemp("determinism"))
+    return helpers.tiny_lm_data(tmp_path_factory.mktemp("determinism"))
 
 
 def train_and_record_routing(data, seed, updates=6, stage1=3):
     """What fairseq-train does per update (seeded init, task.train_step, optimizer step); returns the experts
     each MoE forward chose, and the final parameters."""
     torch.manual_seed(seed)
-    cfg, task, model, criterion = helpers.build(data, "--seed", str(seed), "--stage1-updates", str(stage1))
+    cfg, task, model, criterion = helpers.build_for_training(data, "--seed", str(seed), "--stage1-updates", str(stage1))
     task.load_dataset("train")
     dataset = task.dataset("train")
     optimizer = optim.build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
@@ -49,7 +49,7 @@ def test_fixed_seed_gives_bit_identical_routing(data):
 @pytest.mark.parametrize("stage2", [False, True])
 def test_inference_output_does_not_depend_on_the_batch(data, stage2):
     torch.manual_seed(0)
-    _, task, model, _ = helpers.build(data)
+    _, task, model, _ = helpers.build_for_training(data)
     layer = model.moe_layers()[0]
     assert layer.eval_capacity_factor == 0  # unlimited at inference unless --eval-capacity-factor says otherwise
     with torch.no_grad():  # experts that differ from one another, so a different expert would show

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from fairseq import optim, tasks
+from fairseq import optim
 
 import helpers
 from fairseq_stablemoe.checkpoints import CheckpointError, prepare_resume
@@ -18,12 +18,12 @@ DOC = os.path.join(helpers.ROOT, "docs", "errors.md")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return helpers.tiny_corpus(tmp_path_factory.mktemp("errors"))
+    return helpers.tiny_lm_data(tmp_path_factory.mktemp("errors"))
 
 
 @pytest.fixture(scope="module")
 def built(data):
-    return helpers.build(data)
+    return helpers.build_for_training(data)
 
 
 def moe_config(**overrides):
@@ -110,7 +110,7 @@ def test_invalid_moe_flag(case):
 
 def test_the_model_validates_its_flags_as_fairseq_builds_it(data):
     with pytest.raises(ValueError) as err:
-        helpers.build(data, "--decoder-layers", "2", "--moe-layers", "3")
+        helpers.build_for_training(data, "--decoder-layers", "2", "--moe-layers", "3")
     assert str(err.value) == ("--moe-layers 3 is larger than the number of Transformer blocks (2); use at most 2 "
                               "or more blocks")
 
@@ -119,21 +119,20 @@ def test_the_model_validates_its_flags_as_fairseq_builds_it(data):
 def test_negative_aux_loss_weight(data, flag, case):
     message = MESSAGES[case]
     with pytest.raises(ValueError) as err:
-        helpers.build(data, flag, "-0.1")
+        helpers.build_for_training(data, flag, "-0.1")
     assert str(err.value) == message
 
 
 def test_criterion_without_moe_losses(data):
     message = MESSAGES["criterion"]
     with pytest.raises(ValueError) as err:
-        helpers.build(data, "--criterion", "cross_entropy")
+        helpers.build_for_training(data, "--criterion", "cross_entropy")
     assert str(err.value) == message
 
 
 def test_training_under_a_task_that_does_not_switch_stages(data):
     message = MESSAGES["task"]
-    cfg = helpers.train_cfg(data, "--task", "language_modeling")
-    model = tasks.setup_task(cfg.task).build_model(cfg.model)
+    model = helpers.build_for_training(data, "--task", "language_modeling")[2]
     model.train()
     with pytest.raises(RuntimeError) as err:
         model(torch.tensor([[4, 5, 6]]))
@@ -149,13 +148,13 @@ def test_training_under_a_task_that_does_not_switch_stages(data):
 def test_stage_schedule_warnings(data, tmp_path, caplog, flags, case):
     message = MESSAGES[case]
     with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe"):
-        helpers.build(data, "--save-dir", str(tmp_path), *flags)
+        helpers.build_for_training(data, *flags, save_dir=str(tmp_path))
     assert message in [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_no_schedule_warning_for_the_paper_schedule(data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe"):
-        helpers.build(data, "--save-dir", str(tmp_path), "--stage1-updates", "10", "--max-update", "100")
+        helpers.build_for_training(data, "--stage1-updates", "10", "--max-update", "100", save_dir=str(tmp_path))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "stage1" in r.getMessage()]
 
 
@@ -174,7 +173,7 @@ def test_resume_stage2_checkpoint_into_stage1(built):
 
 def test_flattened_fp16_optimizer_is_refused(data):
     message = MESSAGES["fp16-flat"]
-    cfg, _, model, _ = helpers.build(data, "--fp16")
+    cfg, _, model, _ = helpers.build_for_training(data, "--fp16")
     params = [p for p in model.half().parameters()]
     flat = torch.nn.Parameter(torch.cat([p.detach().float().view(-1) for p in params]))
     flattened = optim.FP16Optimizer(cfg, params, fp32_optimizer=None, fp32_params={0: flat})
@@ -188,8 +187,8 @@ def test_flattened_fp16_optimizer_is_refused(data):
 
 def test_checkpoint_of_another_dictionary(built, tmp_path):
     message = MESSAGES["dictionary"]
-    other = helpers.tiny_corpus(tmp_path, vocab=60, name="other")
-    bigger = helpers.build(other)[2]
+    other = helpers.tiny_lm_data(tmp_path, vocab=60, name="other")
+    bigger = helpers.build_for_training(other)[2]
     with pytest.raises(ValueError) as err:
         bigger.load_state_dict(built[2].state_dict())
     assert str(err.value) == message

@@ -36,12 +36,9 @@ def wait_for(condition, timeout, process):
 
 
 def test_kill_9_and_resume(tmp_path):
-    data = helpers.tiny_corpus(tmp_path)
+    data = helpers.tiny_lm_data(tmp_path)
     save_dir = str(tmp_path / "ckpt")
-    argv = helpers.train_args(
-        data, "--save-dir", save_dir, "--stage1-updates", str(STAGE1), "--max-update", str(MAX_UPDATE),
-        "--save-interval-updates", "2", "--no-epoch-checkpoints", "--num-workers", "0",
-        "--log-format", "simple", "--log-interval", "1")
+    argv = helpers.train_lm_args(data, save_dir, "--save-interval-updates", 2, stage1=STAGE1, max_update=MAX_UPDATE)
     seed = random.randrange(1 << 16)
     rng = random.Random(seed)
     logs = []

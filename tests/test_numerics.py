@@ -5,13 +5,13 @@ import torch
 import helpers
 from fairseq_stablemoe.moe.routing import TokenView
 
-DIM = 32  # helpers.TINY_LM
+DIM = 32  # --decoder-embed-dim of helpers.train_lm_args
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     torch.manual_seed(0)
-    model = helpers.build(helpers.tiny_corpus(tmp_path_factory.mktemp("numerics")))[2]
+    model = helpers.build_for_training(helpers.tiny_lm_data(tmp_path_factory.mktemp("numerics")))[2]
     with torch.no_grad():  # trained-looking experts: an untrained one is the identity (zero-init ff2)
         for layer in model.moe_layers():
             for p in layer.experts.parameters():
@@ -148,10 +148,9 @@ def test_fp16_training_keeps_the_frozen_router_fixed(tmp_path):
     from fairseq import checkpoint_utils
 
     save_dir = str(tmp_path / "ckpt")
-    log = helpers.run_fairseq_train(helpers.train_args(
-        helpers.tiny_corpus(tmp_path), "--save-dir", save_dir, "--fp16", "--fp16-no-flatten-grads",
-        "--on-cpu-convert-precision", "--stage1-updates", "2", "--max-update", "6", "--save-interval-updates", "2", "--no-epoch-checkpoints",
-        "--num-workers", "0", "--log-format", "simple", "--log-interval", "1"), str(tmp_path / "train.log"))
+    log = helpers.run_fairseq_train(helpers.train_lm_args(
+        helpers.tiny_lm_data(tmp_path), save_dir, "--fp16", "--fp16-no-flatten-grads", "--on-cpu-convert-precision",
+        "--save-interval-updates", 2, stage1=2, max_update=6), str(tmp_path / "train.log"))
     assert "num_updates 6" in log and "balance_loss nan" not in log
     models = {u: checkpoint_utils.load_checkpoint_to_cpu(f"{save_dir}/checkpoint_1_{u}.pt")["model"] for u in (2, 4, 6)}
     router = [k for k in models[4] if ".distilled_router." in k]

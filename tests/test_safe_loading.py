@@ -20,9 +20,8 @@ def checkpoint(tmp_path_factory):
     """A real checkpoint: 4 updates of fairseq-train with --amp (which also shows --amp runs on CPU)."""
     tmp = tmp_path_factory.mktemp("safe")
     save_dir = str(tmp / "ckpt")
-    log = helpers.run_fairseq_train(helpers.train_args(
-        helpers.tiny_corpus(tmp), "--save-dir", save_dir, "--amp", "--stage1-updates", "2", "--max-update", "4",
-        "--num-workers", "0", "--log-format", "simple"), str(tmp / "train.log"))
+    log = helpers.run_fairseq_train(helpers.train_lm_args(helpers.tiny_lm_data(tmp), save_dir, "--amp", stage1=2,
+                                                          max_update=4), str(tmp / "train.log"))
     assert "num_updates 4" in log
     return os.path.join(save_dir, "checkpoint_last.pt")
 

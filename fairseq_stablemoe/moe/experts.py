@@ -8,7 +8,7 @@ from fairseq.modules import LayerNorm
 
 
 class ExpertSublayer(nn.Module):
-    """x + W2·act(W1·LN(x)), with W2 zero-initialised so an untrained expert is the identity."""
+    """x + W2·act(W1·LN(x)) + b2, with W2 and b2 zero-initialised so an untrained expert is the identity."""
 
     def __init__(self, dim: int, ffn_dim: int, activation: str = "relu"):
         super().__init__()
@@ -17,6 +17,7 @@ class ExpertSublayer(nn.Module):
         self.ff1 = nn.Linear(dim, ffn_dim)
         self.ff2 = nn.Linear(ffn_dim, dim)
         nn.init.zeros_(self.ff2.weight)
+        nn.init.zeros_(self.ff2.bias)
 
     def forward(self, x):
         return x + self.ff2(self.activation_fn(self.ff1(self.norm(x))))

@@ -14,15 +14,22 @@ def staged_routings(model):
 
 
 def switch_stages(model, update_num: int) -> int:
-    """Move every staged routing whose stage 1 is over into stage 2 (once); return how many moved."""
-    moved = 0
+    """Move every staged routing whose stage 1 is over into stage 2 (once); return how many moved.
+
+    A routing loaded from a stage-2 checkpoint is frozen again, with its saved router, and logged as a resume.
+    """
+    moved = resumed = 0
     for routing in staged_routings(model):
         if update_num >= routing.stage1_updates and not routing.in_stage2:
+            resumed += int(routing.stage) == 2
+            moved += int(routing.stage) != 2
             routing.enter_stage2()
-            moved += 1
     if moved:
         logger.info(f"StableMoE: update {update_num}: {moved} MoE layer(s) enter stage 2; "
                     f"distilled routers frozen, routing fixed from now on")
+    if resumed:
+        logger.info(f"StableMoE: resumed in stage 2 at update {update_num}: {resumed} MoE layer(s) keep the "
+                    f"frozen router saved in the checkpoint")
     return moved
 
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `make demo`: a StableMoE language model on the US State-of-the-Union addresses, on CPU, end to end:
+# data -> sentencepiece -> fairseq-preprocess -> fairseq-train (stage 1 -> stage 2) -> fairseq-eval-lm.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${DEMO_DIR:-demo}
+UPDATES=${DEMO_UPDATES:-800}
+STAGE1=$((UPDATES / 10))  # the paper's 10 %
+mkdir -p "$OUT"
+
+[ -s "$OUT/text/train.txt" ] || python examples/demo/prepare_sotu.py "$OUT/text"
+if [ ! -s "$OUT/spm.model" ]; then
+  python examples/sentencepiece_bpe.py train --inputs "$OUT/text/train.txt" --model-prefix "$OUT/spm" --vocab-size 8000
+  python examples/sentencepiece_bpe.py encode --model "$OUT/spm.model" \
+    --inputs "$OUT"/text/{train,valid,test}.txt --outputs "$OUT"/text/{train,valid,test}.bpe
+fi
+[ -s "$OUT/bin/dict.txt" ] || fairseq-preprocess --only-source --trainpref "$OUT/text/train.bpe" \
+  --validpref "$OUT/text/valid.bpe" --testpref "$OUT/text/test.bpe" --destdir "$OUT/bin" --workers 2
+
+# stablemoe_lm_tiny: 4 blocks of 128/512, one MoE layer of 8 experts x 2 sublayers after block 2.
+fairseq-train "$OUT/bin" --user-dir fairseq_stablemoe --cpu \
+  --task stablemoe_language_modeling --arch stablemoe_lm_tiny \
+  --criterion stablemoe_cross_entropy --balance-factor 0.3 --distill-factor 0.3 \
+  --stage1-updates "$STAGE1" --max-update "$UPDATES" \
+  --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.1 --lr 2e-3 \
+  --lr-scheduler polynomial_decay --total-num-update "$UPDATES" --warmup-updates $((UPDATES / 20)) \
+  --tokens-per-sample 128 --sample-break-mode none --batch-size 16 \
+  --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --validate-interval-updates $((UPDATES / 4)) \
+  --log-format simple --log-interval 50 --seed 1 2>&1 | tee "$OUT/train.log" | grep -v -i warn
+
+echo
+echo "=== evaluation (the frozen distilled router routes) ==="
+for split in valid test; do
+  fairseq-eval-lm "$OUT/bin" --user-dir fairseq_stablemoe --cpu --path "$OUT/checkpoints/checkpoint_last.pt" \
+    --gen-subset "$split" --tokens-per-sample 128 --batch-size 16 2>&1 | grep "Perplexity" | sed "s/^/$split: /"
+done
+echo
+echo "=== routing statistics (last training and validation log lines) ==="
+grep "| train |" "$OUT/train.log" | tail -1 | tr '|' '\n' | grep -E "balance|distill|load|unused|dropped|stage"
+grep "| valid |" "$OUT/train.log" | tail -1 | tr '|' '\n' | grep -E "ppl|distill_acc|load|unused"
