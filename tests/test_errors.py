@@ -67,8 +67,8 @@ MESSAGES = {
     "task": "StableMoE models train only under a task that switches their stages: use --task "
         "stablemoe_language_modeling (LM) or --task stablemoe_translation_multi_simple_epoch "
         "(translation). Evaluation works under any task.",
-    "resume-stage": "this checkpoint was saved in stage 2 but --stage1-updates 6000 puts update 50 "
-        "in stage 1; resume with --stage1-updates <= 50, or restart training without "
+    "resume-stage": "this checkpoint was saved in stage 2 but --stage1-updates 10 puts update 5 "
+        "in stage 1; resume with --stage1-updates <= 5, or restart training without "
         "--restore-file",
     "fp16-flat": "--fp16 flattens all parameters into one fp32 copy, which moves StableMoE's frozen "
         "distilled router in stage 2: add --fp16-no-flatten-grads (or use "
@@ -165,7 +165,7 @@ def test_resume_stage2_checkpoint_into_stage1(built):
     routing.stage.fill_(2)  # as loaded from a stage-2 checkpoint
     try:
         with pytest.raises(ValueError) as err:
-            check_resumed_stage(model, 50)
+            check_resumed_stage(model, 5)
         assert str(err.value) == message
     finally:
         routing.stage.fill_(1)
