@@ -16,7 +16,7 @@ from fairseq import checkpoint_utils
 import helpers
 from fairseq_stablemoe.checkpoints import checkpoint_files, is_intact
 
-STAGE1, MAX_UPDATE = 8, 20
+STAGE1, MAX_UPDATE = 8, 24
 ROUTER = "decoder.layers.1.routing.distilled_router."
 STAGE = "decoder.layers.1.routing.stage"
 
@@ -27,12 +27,19 @@ def saved_updates(save_dir):
     return max((int(m.group(1)) for m in names if m), default=0)
 
 
-def wait_for(condition, timeout, process):
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.is_alive() or condition(), "fairseq-train exited early"
-        assert time.time() < deadline, "fairseq-train made no progress"
-        time.sleep(0.05)
+def wait_for_save(save_dir, target, process, timeout=90):
+    """Wait until checkpoint_*_<target>.pt exists; return the seconds between this launch's last two saves."""
+    start = time.time()
+    saves = []
+    seen = saved_updates(save_dir)
+    while seen < target:
+        assert process.is_alive(), "fairseq-train exited early"
+        assert time.time() - start < timeout, "fairseq-train made no progress"
+        time.sleep(0.02)
+        if saved_updates(save_dir) != seen:
+            seen = saved_updates(save_dir)
+            saves.append(time.time())
+    return saves[-1] - saves[-2]
 
 
 def test_kill_9_and_resume(tmp_path):
@@ -47,12 +54,13 @@ def test_kill_9_and_resume(tmp_path):
         logs.append(str(tmp_path / f"launch{len(logs)}.log"))
         return helpers.start_fairseq_train(argv, logs[-1])
 
-    # kill once in stage 1, twice in stage 2; each time at a random moment after the launch made progress
-    for at_least in (2, STAGE1 + 2, STAGE1 + 6):
-        target = max(at_least, saved_updates(save_dir) + 2)
+    # kill once in stage 1, twice in stage 2; each time at a random moment within a save interval (updates,
+    # validation, writing, copying) after the launch made progress
+    for at_least in (4, STAGE1 + 2, STAGE1 + 6):
+        target = max(at_least, saved_updates(save_dir) + 4)  # two saves in this launch: an interval to measure
         process = launch()
-        wait_for(lambda: saved_updates(save_dir) >= target, 90, process)
-        time.sleep(rng.uniform(0, 1.0))
+        interval = wait_for_save(save_dir, target, process)
+        time.sleep(rng.uniform(0, interval))
         os.kill(process.pid, signal.SIGKILL)
         process.join()
         assert process.exitcode == -signal.SIGKILL, f"seed {seed}: the kill came after the run ended"
