@@ -19,7 +19,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -W ignore::DeprecationWarning -W ignore::FutureWarning tests
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo/run.sh

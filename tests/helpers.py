@@ -58,6 +58,25 @@ def quiet():
         yield
 
 
+def build_lm(tmp_dir, *extra, vocab=50):
+    """A stablemoe_lm built in-process from command-line flags (a dictionary of `vocab` words, no data)."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    os.makedirs(tmp_dir, exist_ok=True)
+    with open(os.path.join(tmp_dir, "dict.txt"), "w") as f:
+        f.writelines(f"w{i} {1000 - i}\n" for i in range(vocab))
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(tmp_dir), "--user-dir", PLUGIN, "--task", "stablemoe_language_modeling", "--arch", "stablemoe_lm_tiny",
+        "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+        "--decoder-attention-heads", "2", "--moe-experts", "4", "--moe-sublayers", "1",
+        "--tokens-per-sample", "32", *map(str, extra)])
+    cfg = convert_namespace_to_omegaconf(args)  # as fairseq-train does
+    task = tasks.setup_task(cfg.task)
+    return task.build_model(cfg.model), task
+
+
 # --- in-process building and forked training (no interpreter start-up per run) ---
 
 import logging  # noqa: E402

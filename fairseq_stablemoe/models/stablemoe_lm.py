@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import (
     TransformerLanguageModel,
     TransformerLanguageModelConfig,
@@ -9,7 +10,9 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.utils import safe_getattr
 
-from ..moe import DecoderMoELayer, MoEConfig, build_moe_layer, feed_token_ids, place_moe_layers, validate_moe_config
+from ..moe import (
+    DecoderMoELayer, FeedsDecoderTokenIds, MoEConfig, build_moe_layer, place_moe_layers, validate_moe_config,
+)
 from .common import MoEModelMixin
 
 
@@ -18,21 +21,28 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig, MoEConfig):
     pass
 
 
+class StableMoELMDecoder(FeedsDecoderTokenIds, TransformerDecoder):
+    """fairseq's decoder with MoE layers placed among its blocks."""
+
+    def __init__(self, args, dictionary, embed_tokens):
+        super().__init__(args, dictionary, embed_tokens, no_encoder_attn=True)
+        layers = [
+            build_moe_layer(args, args.decoder_embed_dim, args.decoder_ffn_embed_dim, dictionary,
+                            args.activation_fn, DecoderMoELayer)
+            for _ in range(args.moe_layers)
+        ]
+        place_moe_layers(self.layers, layers, args.moe_position)
+
+
 @register_model("stablemoe_lm", dataclass=StableMoELanguageModelConfig)
 class StableMoELanguageModel(MoEModelMixin, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         validate_moe_config(args, args.decoder_layers)
-        model = super().build_model(args, task)
-        decoder = model.decoder
-        layers = [
-            build_moe_layer(args, args.decoder_embed_dim, args.decoder_ffn_embed_dim, task.target_dictionary,
-                            args.activation_fn, DecoderMoELayer)
-            for _ in range(args.moe_layers)
-        ]
-        place_moe_layers(decoder.layers, layers, args.moe_position)
-        feed_token_ids(decoder, layers, "prev_output_tokens")
-        return model
+        # fairseq's transformer_lm builds the embeddings (plain, adaptive or character); we keep them and
+        # replace its decoder by ours, which only adds MoE layers
+        embed_tokens = super().build_model(args, task).decoder.embed_tokens
+        return cls(StableMoELMDecoder(args, task.target_dictionary, embed_tokens))
 
 
 def _moe_defaults(args, **defaults):

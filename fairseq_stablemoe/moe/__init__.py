@@ -6,7 +6,9 @@ import torch.nn as nn
 from .config import MoEConfig, validate_moe_config
 from .experts import Experts
 from .layer import MoELayer
-from .placement import DecoderMoELayer, EncoderMoELayer, feed_token_ids, place_moe_layers
+from .placement import (
+    DecoderMoELayer, EncoderMoELayer, FeedsDecoderTokenIds, FeedsEncoderTokenIds, place_moe_layers,
+)
 from .routing import ROUTINGS, StableMoERouting
 
 
@@ -29,5 +31,6 @@ def moe_layers(model: nn.Module) -> Iterator[MoELayer]:
 
 __all__ = [
     "MoEConfig", "validate_moe_config", "MoELayer", "DecoderMoELayer", "EncoderMoELayer", "Experts",
-    "StableMoERouting", "build_moe_layer", "moe_layers", "place_moe_layers", "feed_token_ids",
+    "StableMoERouting", "build_moe_layer", "moe_layers", "place_moe_layers", "FeedsDecoderTokenIds",
+    "FeedsEncoderTokenIds",
 ]

@@ -48,18 +48,28 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int):
             f"(fairseq-preprocess --srcdict)")
 
 
-def feed_token_ids(stack: nn.Module, moe_layers: List[MoELayer], tokens_arg: str):
-    """Before each forward of `stack` (a fairseq encoder or decoder), hand its token ids to its MoE layers.
-
-    The ids are the whole prefix even in incremental decoding; each layer picks its own positions.
-    """
-
-    vocab_size = stack.embed_tokens.num_embeddings
-
-    def hook(module, args, kwargs):
-        tokens = args[0] if args else kwargs[tokens_arg]
-        check_token_ids(tokens, vocab_size)
-        for layer in moe_layers:
+def feed_token_ids(layers: nn.ModuleList, tokens):
+    """Hand a stack's input token ids to its MoE layers: the whole prefix, also in incremental decoding,
+    where each layer picks the positions it routes."""
+    for layer in layers:
+        if isinstance(layer, MoELayer):
             layer.route_tokens = tokens
 
-    stack.register_forward_pre_hook(hook, with_kwargs=True)
+
+class FeedsDecoderTokenIds:
+    """Mix into a fairseq decoder before the decoder class. extract_features is where both `decoder(...)` and
+    the direct `decoder.forward(...)` of fairseq's sequence generator pass (a forward hook would miss the latter)."""
+
+    def extract_features(self, prev_output_tokens, *args, **kwargs):
+        check_token_ids(prev_output_tokens, self.embed_tokens.num_embeddings)
+        feed_token_ids(self.layers, prev_output_tokens)
+        return super().extract_features(prev_output_tokens, *args, **kwargs)
+
+
+class FeedsEncoderTokenIds:
+    """Mix into a fairseq encoder before the encoder class (forward_scriptable: every encoder path passes it)."""
+
+    def forward_scriptable(self, src_tokens, *args, **kwargs):
+        check_token_ids(src_tokens, self.embed_tokens.num_embeddings)
+        feed_token_ids(self.layers, src_tokens)
+        return super().forward_scriptable(src_tokens, *args, **kwargs)
