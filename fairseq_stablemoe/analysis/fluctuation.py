@@ -110,7 +110,8 @@ def main(argv=None):
         if len(record["updates"]) < 2:
             sys.exit(f"{path}: only {len(record['updates'])} probe(s) recorded; fluctuation needs at least 2")
         print(report(path, record, summarize(record, args.after), args.after))
-        runs.append((os.path.basename(os.path.normpath(path)), record))
+        run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        runs.append((os.path.basename(os.path.normpath(run_dir)), record))
     if args.plot:
         plot(runs, args.plot)
 

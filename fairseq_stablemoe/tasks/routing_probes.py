@@ -11,7 +11,9 @@ from typing import List, Optional
 import torch
 from fairseq import utils
 from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.distributed import utils as distributed_utils
+from fairseq.models import BaseFairseqModel
 from omegaconf import II
 
 from ..moe.probe import probe_experts
@@ -24,6 +26,8 @@ FORMAT = "fairseq_stablemoe.routing_probes/1"
 
 @dataclass
 class RoutingProbeConfig(FairseqDataclass):
+    """Mix into a task's dataclass config; a task with argparse options (add_args) calls add_routing_probe_args."""
+
     routing_probe_interval: int = field(
         default=0,
         metadata={"help": "every K updates (and at update 0 and at each validation, so the final update too), "
@@ -36,12 +40,17 @@ class RoutingProbeConfig(FairseqDataclass):
     routing_probe_split: str = II("dataset.valid_subset")
 
 
+def add_routing_probe_args(parser):
+    gen_parser_from_dataclass(parser, RoutingProbeConfig())
+
+
 def expert_dtype(num_experts: int) -> torch.dtype:
     return torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 2 ** 15 else torch.int32
 
 
 def save_probes(path: str, record: dict):
     """Write the whole record to a temporary file, then atomically replace `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
     torch.save(record, tmp)
     os.replace(tmp, path)
@@ -74,7 +83,7 @@ def probe_sample(dataset, num_tokens: int) -> dict:
 
 def unwrap(model):
     """The fairseq model inside distributed wrappers: probes must not run their forward (collectives)."""
-    while hasattr(model, "module") and not hasattr(model, "moe_layers"):
+    while not isinstance(model, BaseFairseqModel) and hasattr(model, "module"):
         model = model.module
     return model
 
@@ -100,66 +109,69 @@ class RoutingProbes:
         if interval < 0 or cfg.routing_probe_tokens < 1:
             raise ValueError(f"--routing-probe-interval must be >= 0 and --routing-probe-tokens >= 1 (got "
                              f"{interval}, {cfg.routing_probe_tokens})")
-        split = str(cfg.routing_probe_split).split(",")[0]
-        return cls(os.path.join(cfg.routing_probe_dir, PROBES_FILE), interval, cfg.routing_probe_tokens, split)
+        # argparse tasks get the whole command line: --save-dir and --valid-subset themselves
+        save_dir = getattr(cfg, "routing_probe_dir", None) or cfg.save_dir
+        split = str(getattr(cfg, "routing_probe_split", None) or cfg.valid_subset).split(",")[0]
+        return cls(os.path.join(save_dir, PROBES_FILE), interval, cfg.routing_probe_tokens, split)
 
     def recorded(self, update: int) -> bool:
         return self.record is not None and len(self.record["updates"]) > 0 and \
             int(self.record["updates"][-1]) >= update
 
     def probe(self, task, model, update: int):
-        """Record the experts at `update` (once per update) and rewrite the file.
-
-        The first call of a run continues the file when resuming: it keeps the probes up to `update`
-        and drops later ones (a future that the resumed run replaces); from update 0 it starts anew.
-        """
+        """Record the experts at `update` (once per update) and rewrite the file."""
         if not self.active:
             return
         if self.sample is None:
             self.sample = probe_sample(task.dataset(self.split), self.num_tokens)
-            if update > 0 and os.path.exists(self.path):
-                self.record = load_probes(self.path)
-                keep = self.record["updates"] <= update
-                self.record["updates"] = self.record["updates"][keep]
-                self.record["experts"] = [e[keep] for e in self.record["experts"]]
-                self._changes()
-                logger.info(f"routing probes: continuing {self.path} from its {int(keep.sum())} probes up to "
-                            f"update {update}")
+            self._continue_record(update)
         if self.recorded(update):
             return
-        model = unwrap(model)
-        device = next(model.parameters()).device
-        decided = probe_experts(model, utils.apply_to_sample(lambda t: t.to(device), self.sample)["net_input"])
-        layers = dict(model.named_modules())
-        tokens, experts = {}, {}
-        for name, (ids, expert) in decided.items():
-            routed = expert >= 0
-            tokens[name] = ids[routed][: self.num_tokens].to("cpu", torch.int32)
-            experts[name] = expert[routed][: self.num_tokens].to("cpu", expert_dtype(layers[name].num_experts))
+        tokens, experts, num_experts = self._route(unwrap(model))
         if self.record is None:
             self.record = {
-                "format": FORMAT,
-                "layers": list(decided),
-                "num_experts": [layers[name].num_experts for name in decided],
-                "tokens": [tokens[name] for name in decided],
-                "updates": torch.zeros(0, dtype=torch.long),
-                "experts": [experts[name].new_zeros(0, experts[name].numel()) for name in decided],
+                "format": FORMAT, "layers": list(tokens), "num_experts": num_experts,
+                "tokens": list(tokens.values()), "updates": torch.zeros(0, dtype=torch.long),
+                "experts": [e.new_zeros(0, e.numel()) for e in experts.values()],
             }
         rec = self.record
-        if rec["layers"] != list(decided) or not all(
-                torch.equal(t, tokens[name]) for name, t in zip(rec["layers"], rec["tokens"])):
+        if rec["layers"] != list(tokens) or not all(map(torch.equal, rec["tokens"], tokens.values())):
             raise ValueError(
                 f"{self.path} was recorded with another probe set or other MoE layers; resume with the same data, "
                 f"--routing-probe-tokens and model, or move the file away to start a new record")
         rec["updates"] = torch.cat([rec["updates"], torch.tensor([update])])
-        rec["experts"] = [torch.cat([e, experts[name].unsqueeze(0)]) for name, e in zip(rec["layers"],
-                                                                                        rec["experts"])]
+        rec["experts"] = [torch.cat([old, new.unsqueeze(0)]) for old, new in zip(rec["experts"], experts.values())]
         save_probes(self.path, rec)
         changes = self._changes()
         if changes:
             logger.info(f"routing probes: update {update}: the expert changed since update "
                         f"{int(rec['updates'][-2])} for {', '.join(f'{c:.2%}' for c in changes)} of "
                         f"{rec['tokens'][0].numel()} probe tokens")
+
+    def _continue_record(self, update: int):
+        """A resumed run keeps the probes up to `update` and drops later ones (the future it replaces);
+        a run from update 0 starts a new record."""
+        if update == 0 or not os.path.exists(self.path):
+            return
+        self.record = load_probes(self.path)
+        keep = self.record["updates"] <= update
+        self.record["updates"] = self.record["updates"][keep]
+        self.record["experts"] = [e[keep] for e in self.record["experts"]]
+        self._changes()
+        logger.info(f"routing probes: continuing {self.path} from its {int(keep.sum())} probes up to update {update}")
+
+    def _route(self, model):
+        """Per MoE layer: the probe tokens' ids, their experts now (compact dtype), the layer's expert count."""
+        device = next(model.parameters()).device
+        decided = probe_experts(model, utils.apply_to_sample(lambda t: t.to(device), self.sample)["net_input"])
+        layers = dict(model.named_modules())
+        tokens, experts, num_experts = {}, {}, []
+        for name, (ids, expert) in decided.items():
+            routed = expert >= 0
+            num_experts.append(layers[name].num_experts)
+            tokens[name] = ids[routed][: self.num_tokens].to("cpu", torch.int32)
+            experts[name] = expert[routed][: self.num_tokens].to("cpu", expert_dtype(num_experts[-1]))
+        return tokens, experts, num_experts
 
     def _changes(self) -> List[float]:
         """Per layer: share of probe tokens whose expert differs between the last two probes."""
