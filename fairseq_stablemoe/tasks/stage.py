@@ -1,5 +1,4 @@
-"""The training-loop side of StableMoE, shared by the LM and translation tasks: the stage switch,
-and the routing probes (--routing-probe-interval)."""
+"""The training-loop side of StableMoE, shared by the LM and translation tasks: the stage switch."""
 import logging
 
 from fairseq import metrics
