@@ -38,20 +38,40 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: T x B x C hidden states; tokens: B x S ids whose last T positions are x's tokens."""
+        flat, h, view = self._routed_rows(x, tokens)
+        routing = self.routing(h, view)
+        y = self._compute(h, routing)
+
+        out = y if view.index is None else flat.index_copy(0, view.index, y)
+        return out.view(x.shape)
+
+    @torch.no_grad()
+    def decide(self, x: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """B x T: the expert each token of x would train with now (the routing's decide()), -1 at pads.
+
+        Nothing is computed by the experts and nothing is stored: routing probes call this between updates.
+        """
+        seq_len, bsz, _ = x.shape
+        _, h, view = self._routed_rows(x, tokens)
+        expert = torch.full((seq_len * bsz,), -1, dtype=torch.long, device=x.device)
+        decided = self.routing.decide(h, view)
+        if view.index is None:
+            expert.copy_(decided)
+        else:
+            expert[view.index] = decided
+        return expert.view(seq_len, bsz).t()
+
+    def _routed_rows(self, x: torch.Tensor, tokens: Optional[torch.Tensor]):
+        """(all rows of x flattened time-major, the non-pad rows that get routed, their TokenView)."""
         tokens = self.route_tokens if tokens is None else tokens
         if tokens is None:
             raise RuntimeError("MoELayer needs the token ids: the model sets them before each forward")
-        seq_len, bsz, dim = x.shape
+        seq_len, _, dim = x.shape
         flat = x.reshape(-1, dim)
         pad = tokens[:, -seq_len:].t().reshape(-1).eq(self.padding_idx)
         index = pad.logical_not().nonzero().squeeze(1) if pad.any() else None
         h = flat if index is None else flat[index]
-
-        routing = self.routing(h, TokenView(tokens, seq_len, index))
-        y = self._compute(h, routing)
-
-        out = y if index is None else flat.index_copy(0, index, y)
-        return out.view(seq_len, bsz, dim)
+        return flat, h, TokenView(tokens, seq_len, index)
 
     def _compute(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         expert = routing.expert

@@ -2,9 +2,11 @@
 import logging
 
 import torch.distributed as dist
+from fairseq import metrics
 
 from ..checkpoints import prepare_resume
 from ..moe import moe_layers
+from .routing_probes import RoutingProbes
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +70,25 @@ def _is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def updates_done():
+    """The trainer's update count, which it logs into the active metric aggregators on every update and on
+    checkpoint load (not metrics.get_meter("default", ...): loading a checkpoint's metrics replaces that
+    object while the trainer keeps logging into the active one). None before any was logged."""
+    counts = [agg["num_updates"].val for agg in metrics.get_active_aggregators()
+              if "num_updates" in agg and agg["num_updates"].val is not None]
+    return int(max(counts)) if counts else None
+
+
 class StageSwitchingTask:
-    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop.
+    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop and
+    records routing probes (the task config may mix in RoutingProbeConfig).
 
     The task reads three training options through its config (save_dir, restore_file, max_update: see
     StableMoELanguageModelingConfig; legacy argparse tasks have them in their args).
     """
 
     _resume_checked = False
+    _routing_probes = None
 
     def _training_option(self, name, default=None):
         for cfg in (getattr(self, "cfg", None), getattr(self, "args", None)):
@@ -110,10 +123,35 @@ class StageSwitchingTask:
                 f"--criterion stablemoe_cross_entropy (LM) or stablemoe_label_smoothed_cross_entropy (translation)")
         return criterion
 
+    @property
+    def routing_probes(self):
+        if self._routing_probes is None:
+            # fairseq's LegacyFairseqTask (language_modeling, translation_multi_simple_epoch) keeps it in .args
+            task_cfg = self.cfg if self.cfg is not None else self.args
+            self._routing_probes = RoutingProbes.from_task_config(task_cfg) or False
+        return self._routing_probes
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        if not self._resume_checked:
+        probes = self.routing_probes
+        first_step = not self._resume_checked
+        if first_step:
             check_resumed_stage(model, update_num)
             check_optimizer(optimizer)
             self._resume_checked = True
         switch_stages(model, update_num)
+        if probes:
+            # the first step of a (resumed) run probes too: that is where the record continues
+            if first_step or update_num % probes.interval == 0:
+                probes.probe(self, model, update_num)
+            if probes.latest_change is not None:
+                # held between probes, so every log line and tensorboard point has the latest value
+                metrics.log_scalar("route_change", probes.latest_change, priority=900, round=4)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def begin_valid_epoch(self, epoch, model):
+        """Probe at each validation too, so the record ends at the final update."""
+        super().begin_valid_epoch(epoch, model)
+        update = updates_done()
+        if self.routing_probes and update is not None:
+            switch_stages(model, update)  # what the next train_step does first: the probe sees its routing
+            self.routing_probes.probe(self, model, update)
