@@ -3,7 +3,7 @@ import logging
 
 from fairseq import metrics
 
-from ..moe import moe_layers
+from ..moe import moe_layers, parameter_counts
 from .routing_probes import RoutingProbes
 
 logger = logging.getLogger(__name__)
@@ -62,9 +62,10 @@ class StageSwitchingTask:
     def build_model(self, cfg, *args, **kwargs):
         model = super().build_model(cfg, *args, **kwargs)
         model.stage_switching_task = True
-        expert = sum(p.numel() for layer in moe_layers(model) for p in layer.experts.parameters())
-        total = sum(p.numel() for p in model.parameters())
-        logger.info(f"StableMoE: {total - expert:,} shared parameters, {expert:,} expert parameters")
+        shared, expert, routing = parameter_counts(model)
+        logger.info(f"StableMoE: {shared:,} shared parameters, {expert:,} expert parameters, {routing:,} routing "
+                    f"parameters ({shared / 1e6:.1f}M + {expert / 1e6:.1f}M + {routing / 1e6:.2f}M = "
+                    f"{(shared + expert + routing) / 1e6:.1f}M; --moe-routing {getattr(cfg, 'moe_routing', '?')})")
         return model
 
     def build_criterion(self, cfg, *args, **kwargs):
