@@ -1,7 +1,7 @@
 """The paper's baselines (Switch, BASE, Hash), the dense controls and the "BASE + fixed routing" ablation."""
 import copy
 import math
-from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from fairseq_stablemoe.moe.routing.switch import SwitchRouting
 from fairseq_stablemoe.moe.distilled_router import WordEmbeddingRouter
 from fairseq_stablemoe.tasks.stablemoe_language_modeling import StableMoELanguageModelingTask
 
-from helpers import binarize_tiny_corpus
+from helpers import preprocess_lm, write_corpus
 
 MOE_ROUTINGS = ["stablemoe", "switch", "base", "hash"]
 DENSE_CONTROLS = ["dense", "dense_deeper", "dense_wider"]
@@ -181,7 +181,8 @@ def test_dense_controls_reshape_the_moe_slot():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return binarize_tiny_corpus(tmp_path_factory.mktemp("corpus"), train_lines=200, valid_lines=30)
+    root = tmp_path_factory.mktemp("baselines")
+    return Path(preprocess_lm(write_corpus(root / "text", lines=(200, 30, 30)), str(root / "bin")))
 
 
 def parse(parser, argv):
