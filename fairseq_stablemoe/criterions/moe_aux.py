@@ -64,9 +64,11 @@ class MoEAuxLossMixin:
         if routed > 0:
             for key in [k for k in logging_outputs[0] if k.startswith("moe_") and k.endswith("_loss")]:
                 metrics.log_scalar(key[4:], total(key) / routed, routed, round=4)
-            metrics.log_scalar("distill_acc", total("moe_distill_agree") / routed, routed, round=4)
+            if any("moe_distill_agree" in log for log in logging_outputs):  # only StableMoE distils
+                metrics.log_scalar("distill_acc", total("moe_distill_agree") / routed, routed, round=4)
             metrics.log_scalar("dropped", total("moe_dropped") / routed, routed, round=4)
         if forwards > 0:
             for key, name in [("moe_load_max_over_mean", "load_max_mean"), ("moe_load_cv", "load_cv"),
                               ("moe_unused_experts", "unused_experts"), ("moe_stage", "stage")]:
-                metrics.log_scalar(name, total(key) / forwards, forwards, round=3)
+                if any(key in log for log in logging_outputs):  # e.g. only staged routings have a stage
+                    metrics.log_scalar(name, total(key) / forwards, forwards, round=3)
