@@ -24,6 +24,10 @@ MOE_ROUTINGS = ["stablemoe", "switch", "base", "hash"]
 DENSE_CONTROLS = ["dense", "dense_deeper", "dense_wider"]
 
 
+def parse(parser, argv):
+    return convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
+
+
 def no_tokens(n):
     return TokenView(torch.full((1, n), 4), n, None)
 
@@ -140,27 +144,34 @@ def test_stablemoe_balanced_stage1_distils_the_balanced_assignment():
                        TokenView(tokens, 8, None).select(routing.distilled_router.route(tokens, 8)))
 
 
-def paper_sized_model(routing, arch="stablemoe_lm_base", vocab=50257):
-    """The model fairseq-train would build, on the meta device (no memory), with a GPT-2-sized dictionary."""
+@pytest.fixture(scope="module")
+def paper_sized_model():
+    """Builds the model fairseq-train would, on the meta device (no memory), with a GPT-2-sized dictionary."""
     dictionary = Dictionary()
-    for i in range(vocab):
-        dictionary.add_symbol(f"w{i}", n=vocab - i)
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [
-        "unused", "--user-dir", "fairseq_stablemoe", "--task", "stablemoe_language_modeling", "--arch", arch,
-        "--moe-routing", routing, "--tokens-per-sample", "1024"])
-    cfg = convert_namespace_to_omegaconf(args)
+    for i in range(50257):
+        dictionary.add_symbol(f"w{i}", n=50257 - i)
+    cfg = parse(options.get_training_parser(), [
+        "unused", "--user-dir", "fairseq_stablemoe", "--task", "stablemoe_language_modeling",
+        "--arch", "stablemoe_lm_base", "--tokens-per-sample", "1024"])
     task = StableMoELanguageModelingTask(cfg.task, dictionary, dictionary)
-    with torch.device("meta"):
-        return task.build_model(cfg.model)
+
+    def build(routing):
+        model_cfg = copy.deepcopy(cfg.model)
+        model_cfg.moe_routing = routing
+        with torch.device("meta"):
+            return task.build_model(model_cfg)
+
+    return build
 
 
-def test_parameter_counts_match_the_paper():
+def test_parameter_counts_match_the_paper(paper_sized_model):
     """Paper Table 2 (base): 124M shared + 454M expert for the MoEs, 578M for the larger dense Transformers."""
     shared, expert, routing = parameter_counts(paper_sized_model("switch"))
     assert round(shared / 1e6) == 124 and round(expert / 1e6) == 454
     assert expert == 32 * 3 * 4_723_968  # spec §2.3: one base expert sublayer is 4,723,968 parameters
     assert routing == 32 * 768
+    # StableMoE adds the distilled router: the paper's "2.51M" (50,261 × 50 + 32 × 50) and E
+    assert parameter_counts(paper_sized_model("stablemoe")) == (shared, expert, 50261 * 50 + 32 * 50 + 32 * 768)
     for dense in ("dense_deeper", "dense_wider"):
         shared, expert, routing = parameter_counts(paper_sized_model(dense))
         assert round(shared / 1e6) == 578 and expert == 0 and routing == 0
@@ -183,10 +194,6 @@ def test_dense_controls_reshape_the_moe_slot():
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
     return Path(preprocess_lm(write_corpus(root / "text", lines=(200, 30, 30)), str(root / "bin")))
-
-
-def parse(parser, argv):
-    return convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
 
 
 @pytest.fixture(scope="module")

@@ -76,13 +76,12 @@ class StableMoERouting(nn.Module):
         s = affinities(h, self.centroids)  # (5), differentiable only through the gate below
         backbone_choice = s.detach().argmax(-1)  # (6)
         if self.training and not self.in_stage2:
-            a = backbone_choice if not self.balanced_stage1 else self.stage1_assignment(s)  # (6)
+            a = self.stage1_assignment(s)  # (6)
             gate = torch.sigmoid(s.gather(1, a[:, None]).squeeze(1))  # (7)
             load = expert_load(a, self.num_experts, global_=True)
+            losses = {} if self.balanced_stage1 else {"balance": balance_loss(load, a, gate)}  # (8)
             s_hat = tokens.select(self.distilled_router(tokens.tokens, tokens.last))  # (9)
-            losses = {"distill": F.cross_entropy(s_hat, a, reduction="sum")}  # (10)
-            if not self.balanced_stage1:
-                losses["balance"] = balance_loss(load, a, gate)  # (8)
+            losses["distill"] = F.cross_entropy(s_hat, a, reduction="sum")  # (10)
             return Routing(
                 expert=a,
                 gate=gate,
