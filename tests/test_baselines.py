@@ -58,10 +58,23 @@ def test_switch_gate_and_loss_against_hand_computed_values():
     assert routing(h, no_tokens(3)).losses == {}
 
 
-def test_switch_loss_weight_is_a_criterion_flag():
-    from fairseq_stablemoe.criterions.stablemoe_cross_entropy import StableMoECrossEntropyConfig
+def test_criterion_adds_the_switch_loss_times_its_factor():
+    from fairseq_stablemoe.criterions.stablemoe_cross_entropy import (
+        StableMoECrossEntropyConfig, StableMoECrossEntropyCriterion)
+    from fairseq_stablemoe.moe import Experts, MoELayer
 
-    assert StableMoECrossEntropyConfig().switch_loss_factor == 0.01
+    assert StableMoECrossEntropyConfig().switch_loss_factor == 0.01  # the Switch Transformer's
+    criterion = StableMoECrossEntropyCriterion(None, False, balance_factor=0.3, distill_factor=0.3,
+                                               switch_loss_factor=0.5)
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([MoELayer(SwitchRouting(8, 4), Experts(range(4), 8, 16, 1), 4, padding_idx=1)])
+    model.train()
+    model[0](torch.randn(5, 2, 8), torch.full((2, 5), 4))
+    log = {}
+    loss = criterion.add_moe_losses(model, torch.tensor(3.0), log)
+    assert model[0].aux["switch_loss"] > 0
+    assert loss.item() == pytest.approx(3.0 + 0.5 * model[0].aux["switch_loss"].item())
+    assert log["moe_switch_loss"] == model[0].aux["switch_loss"]
 
 
 @pytest.mark.parametrize("tokens", [64, 7 * 8 + 3, 5])
