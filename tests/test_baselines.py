@@ -139,6 +139,18 @@ def test_hash_routing_routes_by_token_id_with_no_gate():
     assert "table" in routing.state_dict()
 
 
+def test_a_hash_table_for_another_dictionary_is_refused():
+    from fairseq_stablemoe.models.common import MoEModelMixin
+
+    class Model(MoEModelMixin, torch.nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.routing = HashRouting(torch.zeros(vocab, dtype=torch.long), 4)
+
+    with pytest.raises(ValueError, match="covers 12 token ids but this model's dictionary has 10"):
+        Model(10).load_state_dict(Model(12).state_dict())
+
+
 def test_stablemoe_balanced_stage1_distils_the_balanced_assignment():
     torch.manual_seed(0)
     routing = StableMoERouting(16, 4, WordEmbeddingRouter(20, 4, 8, padding_idx=1), stage1_updates=10,
