@@ -1,6 +1,7 @@
 """The paper's baselines (Switch, BASE, Hash), the dense controls and the "BASE + fixed routing" ablation."""
 import copy
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,17 @@ def test_balanced_assignment_follows_the_scores_and_survives_nan():
     assert balanced_assignment(scores).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     scores[3, 1] = float("nan")
     assert torch.bincount(balanced_assignment(scores), minlength=4).tolist() == [2, 2, 2, 2]
+
+
+def test_missing_libbase_names_the_flag_and_the_fix(monkeypatch):
+    import fairseq
+    from fairseq_stablemoe.moe.routing import base_layer
+
+    monkeypatch.setattr(base_layer, "_libbase", None)
+    monkeypatch.delattr(fairseq, "libbase", raising=False)
+    monkeypatch.setitem(sys.modules, "fairseq.libbase", None)  # as if the C++ extension was never built
+    with pytest.raises(ImportError, match="--moe-routing base .*build_ext --inplace"):
+        balanced_assignment(torch.randn(8, 2))
 
 
 def test_base_routing_is_balanced_in_training_and_greedy_at_inference():
