@@ -26,7 +26,8 @@ class MoEModelMixin:
                 saved = state_dict[name].shape[0]
                 if saved != param.shape[0]:
                     raise ValueError(
-                        f"the checkpoint's router ({name}) covers {saved} token ids but this model's dictionary "
+                        f"the checkpoint's {'distilled router' if 'distilled_router' in name else 'hash table'} "
+                        f"covers {saved} token ids but this model's dictionary "
                         f"has {param.shape[0]}: evaluate with the dictionary the model was trained with "
                         f"(the data directory passed to fairseq-train)")
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
