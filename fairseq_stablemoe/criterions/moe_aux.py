@@ -34,11 +34,14 @@ class MoEAuxLossMixin:
 
     aux_factors: Dict[str, float] = {}
 
+    aux_flags: Dict[str, str] = {"switch": "--switch-loss-factor"}  # default: --{name}-factor
+
     def set_aux_factors(self, **factors: float):
         """e.g. set_aux_factors(balance=α, distill=β); a negative weight would reward the opposite."""
         for name, factor in factors.items():
             if not factor >= 0:  # also NaN
-                raise ValueError(f"--{name}-factor must be >= 0 (got {factor}); 0 switches the {name} loss off")
+                flag = self.aux_flags.get(name, f"--{name}-factor")
+                raise ValueError(f"{flag} must be >= 0 (got {factor}); 0 switches the {name} loss off")
         self.aux_factors = dict(factors)
 
     def add_moe_losses(self, model, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
@@ -71,9 +74,11 @@ class MoEAuxLossMixin:
         if routed > 0:
             for key in [k for k in logging_outputs[0] if k.startswith("moe_") and k.endswith("_loss")]:
                 metrics.log_scalar(key[4:], total(key) / routed, routed, round=4)
-            metrics.log_scalar("distill_acc", total("moe_distill_agree") / routed, routed, round=4)
+            if any("moe_distill_agree" in log for log in logging_outputs):  # only StableMoE distils
+                metrics.log_scalar("distill_acc", total("moe_distill_agree") / routed, routed, round=4)
             metrics.log_scalar("dropped", total("moe_dropped") / routed, routed, round=4)
         if forwards > 0:
             for key, name in [("moe_load_max_over_mean", "load_max_mean"), ("moe_load_cv", "load_cv"),
                               ("moe_unused_experts", "unused_experts"), ("moe_stage", "stage")]:
-                metrics.log_scalar(name, total(key) / forwards, forwards, round=3)
+                if any(key in log for log in logging_outputs):  # e.g. only staged routings have a stage
+                    metrics.log_scalar(name, total(key) / forwards, forwards, round=3)

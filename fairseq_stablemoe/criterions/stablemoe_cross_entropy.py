@@ -10,15 +10,19 @@ from .moe_aux import MoEAuxLossMixin
 class StableMoECrossEntropyConfig(CrossEntropyCriterionConfig):
     balance_factor: float = field(default=0.3, metadata={"help": "α: weight of the balance loss (paper Eq. 8)"})
     distill_factor: float = field(default=0.3, metadata={"help": "weight of the distillation loss (paper Eq. 10)"})
+    switch_loss_factor: float = field(
+        default=0.01, metadata={"help": "--moe-routing switch: weight of the Switch load-balancing loss "
+                                        "N·Σ f_i·P_i (Switch Transformer's default 0.01)"})
 
 
 @register_criterion("stablemoe_cross_entropy", dataclass=StableMoECrossEntropyConfig)
 class StableMoECrossEntropyCriterion(MoEAuxLossMixin, CrossEntropyCriterion):
-    """Task loss + α·L_bal + β·L_dis; every term a token sum, normalised by fairseq's sample size."""
+    """Task loss + α·L_bal + β·L_dis (+ the baselines' losses); every term a token sum, normalised by fairseq's
+    sample size."""
 
-    def __init__(self, task, sentence_avg, balance_factor, distill_factor):
+    def __init__(self, task, sentence_avg, balance_factor, distill_factor, switch_loss_factor):
         super().__init__(task, sentence_avg)
-        self.set_aux_factors(balance=balance_factor, distill=distill_factor)
+        self.set_aux_factors(balance=balance_factor, distill=distill_factor, switch=switch_loss_factor)
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])

@@ -21,11 +21,13 @@ class MoEModelMixin:
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         for name, param in self.state_dict().items():
-            if name.endswith("distilled_router.embed.weight") and name in state_dict:
+            # token-id tables: the distilled router's embedding, the hash routing's table
+            if name.endswith(("distilled_router.embed.weight", "routing.table")) and name in state_dict:
                 saved = state_dict[name].shape[0]
                 if saved != param.shape[0]:
                     raise ValueError(
-                        f"the checkpoint's distilled router covers {saved} token ids but this model's dictionary "
+                        f"the checkpoint's {'distilled router' if 'distilled_router' in name else 'hash table'} "
+                        f"covers {saved} token ids but this model's dictionary "
                         f"has {param.shape[0]}: evaluate with the dictionary the model was trained with "
                         f"(the data directory passed to fairseq-train)")
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)

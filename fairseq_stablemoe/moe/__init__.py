@@ -1,5 +1,5 @@
 """The MoE layer: routing strategies, experts, dispatch, and where layers go in a model."""
-from typing import Iterator, Type
+from typing import Iterator, Optional, Sequence, Tuple, Type
 
 import torch.nn as nn
 
@@ -12,16 +12,28 @@ from .placement import (
 from .routing import ROUTINGS, StableMoERouting
 
 
-def build_routing(cfg, dim: int, vocab_size: int, padding_idx: int) -> nn.Module:
-    return ROUTINGS[str(cfg.moe_routing)].build(cfg, dim, vocab_size, padding_idx)
+def build_routing(cfg, dim: int, vocab_size: int, padding_idx: int,
+                  token_counts: Optional[Sequence[int]] = None) -> nn.Module:
+    routing = ROUTINGS[str(cfg.moe_routing)]
+    if getattr(routing, "routes_by_token_frequency", False):  # e.g. hash: its table comes from the counts
+        return routing.build(cfg, dim, vocab_size, padding_idx, token_counts=token_counts)
+    return routing.build(cfg, dim, vocab_size, padding_idx)
+
+
+def expert_layout(cfg, ffn_dim: int) -> Tuple[int, int, int]:
+    """(experts, expert FFN inner size, sublayers per expert); dense controls reshape it."""
+    routing = ROUTINGS[str(cfg.moe_routing)]
+    if hasattr(routing, "expert_layout"):
+        return routing.expert_layout(cfg, ffn_dim)
+    return cfg.moe_experts, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_sublayers
 
 
 def build_moe_layer(cfg, dim: int, ffn_dim: int, dictionary, activation: str = "relu",
                     layer_cls: Type[MoELayer] = MoELayer) -> MoELayer:
-    experts = Experts(range(cfg.moe_experts), dim, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_sublayers,
-                      activation)
-    routing = build_routing(cfg, dim, len(dictionary), dictionary.pad())
-    return layer_cls(routing, experts, cfg.moe_experts, dictionary.pad(),
+    num_experts, expert_ffn_dim, sublayers = expert_layout(cfg, ffn_dim)
+    experts = Experts(range(num_experts), dim, expert_ffn_dim, sublayers, activation)
+    routing = build_routing(cfg, dim, len(dictionary), dictionary.pad(), token_counts=dictionary.count)
+    return layer_cls(routing, experts, num_experts, dictionary.pad(),
                      cfg.capacity_factor, cfg.eval_capacity_factor)
 
 
@@ -29,8 +41,19 @@ def moe_layers(model: nn.Module) -> Iterator[MoELayer]:
     return (m for m in model.modules() if isinstance(m, MoELayer))
 
 
+def parameter_counts(model: nn.Module) -> Tuple[int, int, int]:
+    """(shared, expert, routing) parameters, counted as the paper does (Table 2): routers apart, and a dense
+    control's FFN stack shared."""
+    expert = routing = 0
+    for layer in moe_layers(model):
+        routing += sum(p.numel() for p in layer.routing.parameters())
+        if not getattr(layer.routing, "dense", False):
+            expert += sum(p.numel() for p in layer.experts.parameters())
+    return sum(p.numel() for p in model.parameters()) - expert - routing, expert, routing
+
+
 __all__ = [
     "MoEConfig", "validate_moe_config", "MoELayer", "DecoderMoELayer", "EncoderMoELayer", "Experts",
-    "StableMoERouting", "build_moe_layer", "moe_layers", "place_moe_layers", "FeedsDecoderTokenIds",
-    "FeedsEncoderTokenIds",
+    "StableMoERouting", "build_moe_layer", "moe_layers", "parameter_counts", "place_moe_layers",
+    "FeedsDecoderTokenIds", "FeedsEncoderTokenIds",
 ]

@@ -10,6 +10,8 @@ from .routing import ROUTINGS
 MOE_POSITIONS = ChoiceEnum(["middle", "top", "bottom", "scattered"])
 MOE_ROUTINGS = ChoiceEnum(list(ROUTINGS))
 DISTILLED_ROUTER_TYPES = ChoiceEnum(list(DISTILLED_ROUTERS))
+HASH_TYPES = ChoiceEnum(["balanced", "random"])
+STAGE1_ASSIGNMENTS = ChoiceEnum(["greedy", "balanced"])
 
 
 @dataclass
@@ -23,7 +25,18 @@ class MoEConfig(FairseqDataclass):
     moe_experts: int = field(default=32, metadata={"help": "experts per MoE layer (N)"})
     moe_sublayers: int = field(default=3, metadata={"help": "pre-LN residual FFN sublayers per expert"})
     moe_ffn_embed_dim: int = field(default=0, metadata={"help": "expert FFN inner size (0 = the model's FFN size)"})
-    moe_routing: MOE_ROUTINGS = field(default="stablemoe", metadata={"help": "routing strategy"})
+    moe_routing: MOE_ROUTINGS = field(
+        default="stablemoe",
+        metadata={"help": "routing strategy: stablemoe, the baselines switch, base (BASE layers), hash, or a dense "
+                          "control: dense (one expert's FFN stack, FLOP-matched), dense_deeper / dense_wider "
+                          "(all experts' parameters in one stack: --moe-experts × the sublayers / FFN size)"})
+    hash_type: HASH_TYPES = field(
+        default="balanced", metadata={"help": "--moe-routing hash: token -> expert table balanced by the training "
+                                              "data's token frequencies (Hash Layers), or seeded random"})
+    stage1_assignment: STAGE1_ASSIGNMENTS = field(
+        default="greedy", metadata={"help": "StableMoE stage-1 assignment: greedy (the paper's Eq. 6), or BASE "
+                                            "layers' balanced assignment with no balance loss (the 'BASE Layer + "
+                                            "fixed routing' ablation, paper Table 5)"})
     stage1_updates: int = field(
         default=6000, metadata={"help": "StableMoE: updates of stage 1; from this update on the distilled "
                                          "router is frozen and routes alone (stage 2)"})
@@ -44,8 +57,8 @@ def validate_moe_config(cfg, num_blocks: int):
         raise ValueError(msg)
 
     if cfg.moe_experts < 2:
-        fail(f"--moe-experts must be at least 2 (got {cfg.moe_experts}); for a dense control use --moe-experts 2 "
-             f"or more with the dense arch")
+        fail(f"--moe-experts must be at least 2 (got {cfg.moe_experts}); for a dense control keep it and use "
+             f"--moe-routing dense, dense_deeper or dense_wider")
     if cfg.moe_sublayers < 1:
         fail(f"--moe-sublayers must be at least 1 (got {cfg.moe_sublayers})")
     if cfg.moe_ffn_embed_dim < 0:
@@ -67,6 +80,14 @@ def validate_moe_config(cfg, num_blocks: int):
              f"{cfg.eval_capacity_factor}); 0 means unlimited")
     for flag, value, known in (("--distilled-router", cfg.distilled_router, DISTILLED_ROUTERS),
                                ("--moe-routing", cfg.moe_routing, ROUTINGS),
-                               ("--moe-position", cfg.moe_position, [str(p) for p in MOE_POSITIONS])):
+                               ("--moe-position", cfg.moe_position, [str(p) for p in MOE_POSITIONS]),
+                               ("--hash-type", cfg.hash_type, [str(p) for p in HASH_TYPES]),
+                               ("--stage1-assignment", cfg.stage1_assignment, [str(p) for p in STAGE1_ASSIGNMENTS])):
         if str(value) not in known:  # configs loaded by hydra or Python bypass argparse's choices
             fail(f"{flag} {value} is unknown; choose one of {', '.join(known)}")
+    routing = str(cfg.moe_routing)
+    if str(cfg.stage1_assignment) != "greedy" and routing != "stablemoe":
+        fail(f"--stage1-assignment {cfg.stage1_assignment} is a StableMoE ablation; use it with --moe-routing "
+             f"stablemoe (for BASE layers themselves use --moe-routing base)")
+    if str(cfg.hash_type) != "balanced" and routing != "hash":
+        fail(f"--hash-type {cfg.hash_type} applies to --moe-routing hash only (got --moe-routing {routing})")

@@ -5,7 +5,7 @@ import torch.distributed as dist
 from fairseq import metrics
 
 from ..checkpoints import prepare_resume
-from ..moe import moe_layers
+from ..moe import moe_layers, parameter_counts
 from .routing_probes import RoutingProbes
 
 logger = logging.getLogger(__name__)
@@ -100,9 +100,10 @@ class StageSwitchingTask:
     def build_model(self, cfg, from_checkpoint=False):  # fairseq looks for `from_checkpoint` by name
         model = super().build_model(cfg, from_checkpoint)
         model.stage_switching_task = True
-        expert = sum(p.numel() for layer in moe_layers(model) for p in layer.experts.parameters())
-        total = sum(p.numel() for p in model.parameters())
-        logger.info(f"StableMoE: {total - expert:,} shared parameters, {expert:,} expert parameters")
+        shared, expert, routing = parameter_counts(model)
+        logger.info(f"StableMoE: {shared:,} shared parameters, {expert:,} expert parameters, {routing:,} routing "
+                    f"parameters ({shared / 1e6:.1f}M + {expert / 1e6:.1f}M + {routing / 1e6:.2f}M = "
+                    f"{(shared + expert + routing) / 1e6:.1f}M; --moe-routing {getattr(cfg, 'moe_routing', '?')})")
         if not from_checkpoint:  # fairseq-train builds a fresh model, then loads the checkpoint it resumes
             self.prepare_training(model)
         return model

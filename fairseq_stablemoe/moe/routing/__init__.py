@@ -1,4 +1,16 @@
 from .base import Routing, TokenView, affinities, expert_load
+from .base_layer import BASERouting
+from .dense import DeeperDenseRouting, DenseRouting, WiderDenseRouting
+from .hash import HashRouting
 from .stablemoe import StableMoERouting
+from .switch import SwitchRouting
 
-ROUTINGS = {"stablemoe": StableMoERouting}
+ROUTINGS = {
+    "stablemoe": StableMoERouting,
+    "switch": SwitchRouting,
+    "base": BASERouting,
+    "hash": HashRouting,
+    "dense": DenseRouting,
+    "dense_deeper": DeeperDenseRouting,
+    "dense_wider": WiderDenseRouting,
+}

@@ -12,6 +12,10 @@ Stage 2 routes with the frozen distilled router; the gate keeps the backbone sco
     h'_t    = h_t + σ(s_{t,â_t}) · FFN_{â_t}(h_t)                   (14)
     L_S2    = L_task                                                (15)
 Inference (and validation, in either stage) routes as in stage 2.
+
+Ablation "BASE Layer + fixed routing" (paper Table 5), --stage1-assignment balanced: stage 1 assigns by BASE
+layers' balanced assignment instead of (6), has no balance loss (8) (balanced by construction) and distils
+that assignment by (10); stage 2 is unchanged.
 """
 import torch
 import torch.nn as nn
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 
 from ..distilled_router import DISTILLED_ROUTERS, DistilledRouter
 from .base import Routing, TokenView, affinities, expert_load
+from .base_layer import balanced_assignment
 
 
 def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -31,10 +36,11 @@ def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -
 
 class StableMoERouting(nn.Module):
     def __init__(self, dim: int, num_experts: int, distilled_router: DistilledRouter,
-                 stage1_updates: int):
+                 stage1_updates: int, stage1_assignment: str = "greedy"):
         super().__init__()
         self.num_experts = num_experts
         self.stage1_updates = stage1_updates
+        self.balanced_stage1 = stage1_assignment == "balanced"
         self.centroids = nn.Parameter(torch.empty(num_experts, dim))  # E
         nn.init.orthogonal_(self.centroids, gain=0.1)
         self.distilled_router = distilled_router
@@ -45,7 +51,7 @@ class StableMoERouting(nn.Module):
     def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int) -> "StableMoERouting":
         router = DISTILLED_ROUTERS[str(cfg.distilled_router)](
             vocab_size, cfg.moe_experts, cfg.distilled_dim, padding_idx)
-        return cls(dim, cfg.moe_experts, router, cfg.stage1_updates)
+        return cls(dim, cfg.moe_experts, router, cfg.stage1_updates, str(cfg.stage1_assignment))
 
     @property
     def in_stage2(self) -> bool:
@@ -61,23 +67,25 @@ class StableMoERouting(nn.Module):
         """The expert each token would go to in training now, with no side effect (for routing probes)."""
         if self.in_stage2:
             return tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))
-        return affinities(h, self.centroids).argmax(-1)
+        return self.stage1_assignment(affinities(h, self.centroids))
+
+    def stage1_assignment(self, s: torch.Tensor) -> torch.Tensor:
+        return balanced_assignment(s) if self.balanced_stage1 else s.detach().argmax(-1)  # (6)
 
     def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
         s = affinities(h, self.centroids)  # (5), differentiable only through the gate below
         backbone_choice = s.detach().argmax(-1)  # (6)
         if self.training and not self.in_stage2:
-            a = backbone_choice
+            a = self.stage1_assignment(s)  # (6)
             gate = torch.sigmoid(s.gather(1, a[:, None]).squeeze(1))  # (7)
             load = expert_load(a, self.num_experts, global_=True)
+            losses = {} if self.balanced_stage1 else {"balance": balance_loss(load, a, gate)}  # (8)
             s_hat = tokens.select(self.distilled_router(tokens.tokens, tokens.last))  # (9)
+            losses["distill"] = F.cross_entropy(s_hat, a, reduction="sum")  # (10)
             return Routing(
                 expert=a,
                 gate=gate,
-                losses={
-                    "balance": balance_loss(load, a, gate),  # (8)
-                    "distill": F.cross_entropy(s_hat, a, reduction="sum"),  # (10)
-                },
+                losses=losses,
                 stats={"load": load, "distill_agree": (s_hat.detach().argmax(-1) == a).sum()},
             )
         a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))  # (12, 13)

@@ -1,0 +1,43 @@
+"""Dense controls in the MoE slot: every token goes through one FFN stack, with no gate.
+
+- `dense`: one expert's stack (--moe-sublayers × FFN), the FLOP-matched "Larger Transformer" of the paper's
+  Table 3 (a routed MoE computes one expert per token too).
+- `dense_deeper` / `dense_wider`: the parameter-matched "Larger Transformer (deeper/wider)" of Table 2: all N
+  experts' parameters in one dense stack, N× more sublayers or an N× wider FFN (N = --moe-experts).
+The layer then holds one "expert" whose parameters count as shared, not expert, parameters.
+"""
+import torch
+import torch.nn as nn
+
+from .base import Routing, TokenView
+
+
+class DenseRouting(nn.Module):
+    dense = True
+
+    @classmethod
+    def expert_layout(cls, cfg, ffn_dim: int):
+        """(experts, FFN inner size, sublayers) of the layer this routing drives."""
+        return 1, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_sublayers
+
+    @classmethod
+    def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int) -> "DenseRouting":
+        return cls()
+
+    def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
+        return h.new_zeros(h.size(0), dtype=torch.long)
+
+    def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
+        return Routing(expert=self.decide(h, tokens), gate=None)
+
+
+class DeeperDenseRouting(DenseRouting):
+    @classmethod
+    def expert_layout(cls, cfg, ffn_dim):
+        return 1, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_experts * cfg.moe_sublayers
+
+
+class WiderDenseRouting(DenseRouting):
+    @classmethod
+    def expert_layout(cls, cfg, ffn_dim):
+        return 1, cfg.moe_experts * (cfg.moe_ffn_embed_dim or ffn_dim), cfg.moe_sublayers

@@ -1,0 +1,59 @@
+"""Hash Layers routing (Roller et al., 2021), a baseline of the paper's Table 1: a fixed token id -> expert
+table, no gate, no balance loss.
+
+`balanced` (Hash Layers' frequency-balanced hash): built once before training from the training data's
+token counts (the fairseq dictionary's), taking the most frequent tokens first, each to the expert with the
+fewest tokens so far. `random`: a seeded uniform map. Either way the table is a buffer, so the checkpoint
+carries it and evaluation routes exactly as training did.
+"""
+import heapq
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .base import Routing, TokenView, expert_load
+
+
+def balanced_hash(token_counts: Sequence[int], num_experts: int) -> torch.Tensor:
+    table = torch.empty(len(token_counts), dtype=torch.long)
+    emptiest = [(0, expert) for expert in range(num_experts)]  # (tokens so far, expert): a min-heap
+    for token in sorted(range(len(token_counts)), key=lambda t: -token_counts[t]):
+        load, expert = heapq.heappop(emptiest)
+        table[token] = expert
+        heapq.heappush(emptiest, (load + token_counts[token], expert))
+    return table
+
+
+def random_hash(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
+    return torch.randint(num_experts, (vocab_size,), generator=torch.Generator().manual_seed(seed))
+
+
+class HashRouting(nn.Module):
+    # build() gets the dictionary's token counts (see build_routing)
+    routes_by_token_frequency = True
+
+    def __init__(self, table: torch.Tensor, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.register_buffer("table", table)
+
+    @classmethod
+    def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int,
+              token_counts: Optional[Sequence[int]] = None) -> "HashRouting":
+        if str(cfg.hash_type) == "random":
+            return cls(random_hash(vocab_size, cfg.moe_experts, getattr(cfg, "seed", 1)), cfg.moe_experts)
+        if token_counts is None or len(token_counts) != vocab_size:
+            raise ValueError(
+                f"--hash-type balanced needs the training data's count of each of the dictionary's {vocab_size} "
+                f"tokens (a dict.txt written by fairseq-preprocess); use --hash-type random otherwise")
+        return cls(balanced_hash(token_counts, cfg.moe_experts), cfg.moe_experts)
+
+    @torch.no_grad()
+    def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
+        return self.table[tokens.ids()]
+
+    def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
+        expert = self.decide(h, tokens)
+        return Routing(expert=expert, gate=None,
+                       stats={"load": expert_load(expert, self.num_experts, global_=self.training)})
