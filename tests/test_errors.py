@@ -34,8 +34,8 @@ def moe_config(**overrides):
 
 
 CONFIG_CASES = {
-    "experts": (dict(moe_experts=1), "--moe-experts must be at least 2 (got 1); for a dense control use "
-                                     "--moe-experts 2 or more with the dense arch"),
+    "experts": (dict(moe_experts=1), "--moe-experts must be at least 2 (got 1); for a dense control keep it and "
+                                     "use --moe-routing dense, dense_deeper or dense_wider"),
     "sublayers": (dict(moe_sublayers=0), "--moe-sublayers must be at least 1 (got 0)"),
     "ffn-dim": (dict(moe_ffn_embed_dim=-1), "--moe-ffn-embed-dim must be >= 0 (got -1); 0 means the model's FFN size"),
     "no-layers": (dict(moe_layers=0), "--moe-layers must be at least 1 (got 0); for a model without MoE use "
@@ -53,7 +53,13 @@ CONFIG_CASES = {
                                                          "(got inf/0.0); use 0 for unlimited"),
     "router-unknown": (dict(distilled_router="lstm"), "--distilled-router lstm is unknown; choose one of wordemb, "
                                                       "cnn, bigram"),
-    "routing-unknown": (dict(moe_routing="topk"), "--moe-routing topk is unknown; choose one of stablemoe"),
+    "routing-unknown": (dict(moe_routing="topk"), "--moe-routing topk is unknown; choose one of stablemoe, switch, "
+                                                  "base, hash, dense, dense_deeper, dense_wider"),
+    "stage1-assignment": (dict(moe_routing="switch", stage1_assignment="balanced"),
+                          "--stage1-assignment balanced is a StableMoE ablation; use it with --moe-routing stablemoe "
+                          "(for BASE layers themselves use --moe-routing base)"),
+    "hash-type": (dict(hash_type="random"), "--hash-type random applies to --moe-routing hash only (got "
+                                            "--moe-routing stablemoe)"),
     "position-unknown": (dict(moe_position="left"), "--moe-position left is unknown; choose one of middle, top, "
                                                     "bottom, scattered"),
 }
@@ -91,6 +97,14 @@ MESSAGES = {
         "binarized with another dictionary than the model's; binarize it with the model's "
         "dict.txt (fairseq-preprocess --srcdict)",
     "no-token-ids": "MoELayer needs the token ids: the model sets them before each forward",
+    "hash-dictionary": "the checkpoint's hash table covers 12 token ids but this model's dictionary has 10: evaluate "
+                       "with the dictionary the model was trained with (the data directory passed to fairseq-train)",
+    "hash-counts": "--hash-type balanced needs the training data's count of each of the dictionary's 48 tokens (a "
+                   "dict.txt written by fairseq-preprocess); use --hash-type random otherwise",
+    "no-libbase": "--moe-routing base (and --stage1-assignment balanced) needs fairseq's C++ extension "
+                  "fairseq.libbase for the balanced assignment; build it from fairseq's source tree with "
+                  "`python setup.py build_ext --inplace` (or `pip install --no-build-isolation -e .` there), against "
+                  "the torch you train with",
     "balance-negative": "--balance-factor must be >= 0 (got -0.1); 0 switches the balance loss off",
     "distill-negative": "--distill-factor must be >= 0 (got -0.1); 0 switches the distill loss off",
     "stage1-only": "--stage1-updates 100 >= --max-update 100: training stays in stage 1 (routing never frozen); "
@@ -262,6 +276,42 @@ def test_layer_without_token_ids(built):
         assert str(err.value) == message
     finally:
         layer.route_tokens = saved
+
+
+def test_hash_table_of_another_dictionary():
+    from fairseq_stablemoe.models.common import MoEModelMixin
+    from fairseq_stablemoe.moe.routing.hash import HashRouting
+
+    class Model(MoEModelMixin, torch.nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.routing = HashRouting(torch.zeros(vocab, dtype=torch.long), 4)
+
+    with pytest.raises(ValueError) as err:
+        Model(10).load_state_dict(Model(12).state_dict())
+    assert str(err.value) == MESSAGES["hash-dictionary"]
+
+
+def test_balanced_hash_without_token_counts():
+    from fairseq_stablemoe.moe.routing.hash import HashRouting
+
+    with pytest.raises(ValueError) as err:
+        HashRouting.build(moe_config(moe_routing="hash"), 32, 48, 1, token_counts=None)
+    assert str(err.value) == MESSAGES["hash-counts"]
+
+
+def test_base_routing_without_libbase(monkeypatch):
+    import sys
+
+    import fairseq
+    from fairseq_stablemoe.moe.routing import base_layer
+
+    monkeypatch.setattr(base_layer, "_libbase", None)
+    monkeypatch.delattr(fairseq, "libbase", raising=False)
+    monkeypatch.setitem(sys.modules, "fairseq.libbase", None)  # as if the C++ extension was never built
+    with pytest.raises(ImportError) as err:
+        base_layer._auction()
+    assert str(err.value) == MESSAGES["no-libbase"]
 
 
 def doc_messages():
