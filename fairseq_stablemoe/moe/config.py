@@ -61,8 +61,9 @@ def validate_moe_config(cfg, num_blocks: int):
              f"--moe-routing dense, dense_deeper or dense_wider")
     if cfg.moe_sublayers < 1:
         fail(f"--moe-sublayers must be at least 1 (got {cfg.moe_sublayers})")
-    if cfg.moe_ffn_embed_dim < 0:
-        fail(f"--moe-ffn-embed-dim must be >= 0 (got {cfg.moe_ffn_embed_dim}); 0 means the model's FFN size")
+    ffn_dim = getattr(cfg, "moe_ffn_embed_dim", 0)  # legacy argparse archs may leave it unset
+    if ffn_dim < 0:
+        fail(f"--moe-ffn-embed-dim must be >= 0 (got {ffn_dim}); 0 means the model's FFN size")
     if cfg.moe_layers < 1:
         fail(f"--moe-layers must be at least 1 (got {cfg.moe_layers}); for a model without MoE use transformer_lm")
     if cfg.moe_layers > num_blocks:
