@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${DEMO_DIR:-demo}
-UPDATES=${DEMO_UPDATES:-800}
+UPDATES=${DEMO_UPDATES:-600}
 STAGE1=$((UPDATES / 10))  # the paper's 10 %
 mkdir -p "$OUT"
 
@@ -24,7 +24,7 @@ fairseq-train "$OUT/bin" --user-dir fairseq_stablemoe --cpu \
   --stage1-updates "$STAGE1" --max-update "$UPDATES" \
   --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.1 --lr 2e-3 \
   --lr-scheduler polynomial_decay --total-num-update "$UPDATES" --warmup-updates $((UPDATES / 20)) \
-  --tokens-per-sample 128 --sample-break-mode none --batch-size 16 \
+  --tokens-per-sample 128 --sample-break-mode none --batch-size 8 \
   --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --validate-interval-updates $((UPDATES / 4)) \
   --log-format simple --log-interval 50 --seed 1 2>&1 | tee "$OUT/train.log" | grep -v -i warn
 
