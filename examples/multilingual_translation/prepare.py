@@ -9,11 +9,12 @@ Input: CORPUS/<xx>-en/{train,valid,test}.{xx,en} (raw text, line-aligned). Outpu
 """
 import argparse
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import sentencepiece as spm
+from fairseq import options
+from fairseq_cli import preprocess as fairseq_preprocess
 
 SPLITS = ("train", "valid", "test")
 
@@ -76,14 +77,13 @@ def main():
         for split in SPLITS:
             for side in (lang, "en"):
                 lines = read(raw / f"{lang}-en" / f"{split}.{side}")
-                write(pieces / f"{lang}-en" / f"{split}.{side}", [" ".join(t) for t in sp.encode(lines, out_type=str)])
+                encoded = [" ".join(pieces_) for pieces_ in sp.encode(lines, out_type=str)]
+                write(pieces / f"{lang}-en" / f"{split}.{side}", encoded)
 
-    def preprocess(*extra):
-        cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--destdir", str(bin_dir),
-               "--workers", str(args.workers), *extra]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    def preprocess(*extra):  # fairseq-preprocess, in this process (one fairseq start-up for all pairs)
+        parser = options.get_preprocessing_parser()
+        fairseq_preprocess.main(parser.parse_args(["--destdir", str(bin_dir), "--workers", str(args.workers),
+                                                   *extra]))
 
     # one dictionary for every language: the pieces of all training text
     all_train = args.out / "spm" / "train.all"

@@ -31,18 +31,21 @@ COMMON=("$OUT/prep/bin" --langs "$LANGS" --lang-pairs "$PAIRS" --encoder-langtok
   --no-epoch-checkpoints --save-interval 1000 --validate-interval 1000 --num-workers 0
   --log-format simple --log-interval 50)
 
+# The two models train at the same time, one thread each.
 # StableMoE: one MoE layer after the middle block of each stack, 8 experts x 2 sublayers
 timed fairseq-train "${COMMON[@]}" --user-dir "$PLUGIN" --task stablemoe_translation_multi_simple_epoch \
   --arch stablemoe_transformer_tiny --criterion stablemoe_label_smoothed_cross_entropy \
-  --stage1-updates "$STAGE1" --save-dir "$OUT/stablemoe" > "$OUT/stablemoe.log" 2>&1
+  --stage1-updates "$STAGE1" --save-dir "$OUT/stablemoe" > "$OUT/stablemoe.log" 2>&1 &
 # Dense control, FLOP-matched: each stack's 2 blocks get the FFN width of blocks + expert sublayers (2x256 -> 512)
 timed fairseq-train "${COMMON[@]}" --task translation_multi_simple_epoch --arch transformer \
   --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --criterion label_smoothed_cross_entropy \
-  --save-dir "$OUT/dense" > "$OUT/dense.log" 2>&1
+  --save-dir "$OUT/dense" > "$OUT/dense.log" 2>&1 &
+wait
 
 for model in stablemoe dense; do
   timed python "$HERE/evaluate.py" --prep "$OUT/prep" --checkpoint "$OUT/$model/checkpoint_last.pt" \
     --out "$OUT/eval-$model" --name "$model" --directions "$DIRECTIONS" \
-    -- --beam 4 --batch-size 50 --cpu > "$OUT/eval-$model.log" 2>&1
+    -- --beam 4 --batch-size 50 --cpu > "$OUT/eval-$model.log" 2>&1 &
 done
+wait
 cat "$OUT"/eval-*/bleu.md "$OUT/timings.txt"
