@@ -132,10 +132,11 @@ def test_train_through_stage_switch_then_generate_with_sacrebleu(tmp_path, monke
         "--label-smoothing", 0.1, "--stage1-updates", 6, "--max-update", 12, "--optimizer", "adam", "--lr", 3e-3,
         "--max-tokens", 1500, "--cpu", "--save-dir", tmp_path / "ckpt", "--no-epoch-checkpoints",
         "--save-interval", 1000, "--validate-interval", 1000, "--seed", 1, "--log-format", "simple",
-        "--num-workers", 0])
+        "--num-workers", 0, "--routing-probe-interval", 4])
     assert "update 6: 2 MoE layer(s) enter stage 2" in train_log
     valid = [line for line in train_log.split("\n") if "valid on 'valid' subset" in line][-1]
     assert re.search(r"lang_experts_enc (xx|en):\d", valid) and "lang_overlap_dec" in valid
+    assert (tmp_path / "ckpt" / "routing_probes.pt").exists()
 
     out = run_cli("fairseq_cli.generate", [
         tmp_path / "bin", *task, "-s", "xx", "-t", "en", "--path", tmp_path / "ckpt" / "checkpoint_last.pt",

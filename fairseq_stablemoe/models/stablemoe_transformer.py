@@ -15,7 +15,8 @@ from fairseq.models.transformer.transformer_encoder import TransformerEncoderBas
 from fairseq.utils import safe_getattr
 
 from ..moe import (
-    DecoderMoELayer, EncoderMoELayer, MoEConfig, MoELayer, build_moe_layer, place_moe_layers, validate_moe_config,
+    DecoderMoELayer, EncoderMoELayer, FeedsDecoderTokenIds, FeedsEncoderTokenIds, MoEConfig, MoELayer,
+    build_moe_layer, place_moe_layers, validate_moe_config,
 )
 from ..moe.config import MOE_POSITIONS
 from .common import MoEModelMixin
@@ -36,24 +37,12 @@ class TranslationMoEConfig(MoEConfig):
         return [k for k in super()._get_all_attributes() if k not in ("moe_layers", "moe_position")]
 
 
-def _hand_token_ids(layers, tokens):
-    for layer in layers:
-        if isinstance(layer, MoELayer):
-            layer.route_tokens = tokens
+class StableMoETransformerEncoder(FeedsEncoderTokenIds, TransformerEncoderBase):
+    """fairseq's encoder; its MoE layers route by the source token ids."""
 
 
-# The stacks hand their token ids to their MoE layers in forward itself, not in a forward hook:
-# fairseq's SequenceGenerator calls encoder.forward and decoder.forward directly, which skips hooks.
-class StableMoETransformerEncoder(TransformerEncoderBase):
-    def forward(self, src_tokens, *args, **kwargs):
-        _hand_token_ids(self.layers, src_tokens)
-        return super().forward(src_tokens, *args, **kwargs)
-
-
-class StableMoETransformerDecoder(TransformerDecoderBase):
-    def extract_features(self, prev_output_tokens, *args, **kwargs):
-        _hand_token_ids(self.layers, prev_output_tokens)  # the whole prefix, even when decoding incrementally
-        return super().extract_features(prev_output_tokens, *args, **kwargs)
+class StableMoETransformerDecoder(FeedsDecoderTokenIds, TransformerDecoderBase):
+    """fairseq's decoder; its MoE layers route by the decoder's input ids (the whole prefix)."""
 
 
 def validate_translation_moe_config(args):
