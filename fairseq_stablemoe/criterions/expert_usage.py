@@ -68,5 +68,6 @@ def log_language_usage(counts: torch.Tensor, langs: List[str]) -> None:
     for side, name in ((ENCODER, "enc"), (DECODER, "dec")):
         metrics.log_derived(f"lang_experts_{name}",
                             lambda m, s=side: usage_summary(m["_moe_lang_expert"].sum[s], langs))
-        metrics.log_derived(f"lang_overlap_{name}",
-                            lambda m, s=side: language_overlap(m["_moe_lang_expert"].sum[s]))
+        if (counts[side].sum(1) > 0).sum() > 1:  # overlap needs two languages on this side
+            metrics.log_derived(f"lang_overlap_{name}",
+                                lambda m, s=side: language_overlap(m["_moe_lang_expert"].sum[s]))
