@@ -9,6 +9,7 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from fairseq_stablemoe.models.stablemoe_transformer import StableMoETransformerModel, stablemoe_transformer_tiny
 from fairseq_stablemoe.moe import DecoderMoELayer, EncoderMoELayer, moe_layers
+from fairseq_stablemoe.moe.routing import ROUTINGS
 
 from helpers import PLUGIN, run_cli, write_parallel_corpus
 
@@ -47,6 +48,23 @@ def test_placement_after_middle_block_and_alignment_from_last_block():
 def test_bad_layer_count_names_the_flag():
     with pytest.raises(ValueError, match="--decoder-moe-layers"):
         build_model(make_dictionary(), decoder_moe_layers=3)
+
+
+@pytest.mark.parametrize("routing", sorted(ROUTINGS))
+def test_every_routing_trains_in_both_stacks(routing):
+    d = make_dictionary()
+    try:
+        model = build_model(d, moe_routing=routing)
+    except (ImportError, RuntimeError) as e:  # BASE layers need fairseq's compiled libbase
+        pytest.skip(str(e))
+    model.train()
+    model.stage_switching_task = True
+    src, prev = torch.tensor([[12, 13, 14, d.eos()]] * 2), torch.tensor([[d.eos(), 30, 31, 32]] * 2)
+    out, _ = model(src, torch.tensor([4, 4]), prev)
+    out.sum().backward()
+    for layer in moe_layers(model):
+        assert layer.aux["tokens"] == 8
+        assert any(p.grad is not None for p in layer.experts.parameters())
 
 
 def test_encoder_routes_by_source_ids_decoder_by_target_input_ids():

@@ -15,20 +15,23 @@ from .moe_aux import MoEAuxLossMixin
 class StableMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
     balance_factor: float = field(default=0.3, metadata={"help": "α: weight of the balance loss (paper Eq. 8)"})
     distill_factor: float = field(default=0.3, metadata={"help": "weight of the distillation loss (paper Eq. 10)"})
+    switch_loss_factor: float = field(
+        default=0.01, metadata={"help": "--moe-routing switch: weight of the Switch load-balancing loss "
+                                        "N·Σ f_i·P_i (Switch Transformer's default 0.01)"})
 
 
 @register_criterion("stablemoe_label_smoothed_cross_entropy", dataclass=StableMoELabelSmoothedCrossEntropyConfig)
 class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothedCrossEntropyCriterion):
-    """Label-smoothed CE + α·L_bal + β·L_dis, every term a token sum normalised by fairseq's sample size.
+    """Label-smoothed CE + α·L_bal + β·L_dis (+ the baselines' losses), every term a token sum normalised by fairseq's sample size.
 
     At validation, under a task that knows each sentence's language, it also counts the tokens each expert takes
     per language (the task logs them: lang_experts_enc/dec, each language's top experts; lang_overlap_enc/dec).
     """
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
-                 balance_factor=0.3, distill_factor=0.3):
+                 balance_factor=0.3, distill_factor=0.3, switch_loss_factor=0.01):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        self.aux_factors = {"balance": balance_factor, "distill": distill_factor}
+        self.aux_factors = {"balance": balance_factor, "distill": distill_factor, "switch": switch_loss_factor}
 
     def forward(self, model, sample, reduce=True):
         languages = None
