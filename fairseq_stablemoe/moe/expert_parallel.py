@@ -8,7 +8,7 @@ Checkpoints hold every expert under its global id: rank 0 gathers the other rank
 validate, which fairseq does before each save.
 """
 import logging
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,9 +18,9 @@ from . import comm
 logger = logging.getLogger(__name__)
 
 
-def expert_parallel_world(cfg) -> int:
-    """How many ranks the experts are sharded over: 1 means every process holds every expert."""
-    world, num_experts = comm.world_size(), cfg.moe_experts
+def expert_parallel_world(cfg, world: Optional[int] = None) -> int:
+    """How many of `world` ranks (default: this job's) the experts are sharded over; 1 = all on every rank."""
+    world, num_experts = world or comm.world_size(), cfg.moe_experts
     mode = str(getattr(cfg, "moe_expert_parallel", "auto"))
     if world == 1 or mode == "off":
         return 1
@@ -104,3 +104,17 @@ def reset_expert_optimizer_state(optimizer, model) -> int:
             if hasattr(p, "expert") and inner.state.pop(p, None) is not None:
                 dropped += 1
     return dropped
+
+
+def check_trainer_setup(model, optimizer):
+    """What fairseq must do for expert-parallel training; `model` is the trainer's (wrapped) model."""
+    from fairseq.distributed import LegacyDistributedDataParallel
+
+    if not any(True for _ in sharded_layers(model)):
+        return
+    if not any(isinstance(m, LegacyDistributedDataParallel) for m in model.modules()):
+        raise ValueError("expert parallelism needs --ddp-backend legacy_ddp (the other backends would average "
+                         "each rank's different experts); or replicate the experts: --moe-expert-parallel off")
+    if getattr(optimizer, "has_flat_params", False):
+        raise ValueError("expert parallelism with --fp16 needs --fp16-no-flatten-grads (a flat fp32 copy loses "
+                         "the expert tag of the parameters)")

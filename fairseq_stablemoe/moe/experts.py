@@ -1,10 +1,13 @@
 """The experts: each one a stack of pre-LN residual FFN sublayers (as fairseq's BASE layers)."""
+import logging
 from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 from fairseq import utils
 from fairseq.modules import LayerNorm
+
+logger = logging.getLogger(__name__)
 
 
 class ExpertSublayer(nn.Module):
@@ -66,9 +69,9 @@ class Experts(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.needs_gathered and self.gathered is None:
-            raise RuntimeError(
-                "saving an expert-parallel model needs every rank's experts, which are gathered when all ranks "
-                "validate; fairseq saved without validating first. Keep validation on before each save (drop "
+            logger.warning(
+                "this state dict holds only this rank's experts: the others are gathered when all ranks validate, "
+                "and fairseq saved without validating first. Keep validation on before each save (no "
                 "--disable-validation; --validate-interval must divide --save-interval)")
         for key, value in (self.gathered or {}).items():
             destination[prefix + "experts." + key] = value

@@ -5,6 +5,7 @@ from fairseq import metrics
 
 from ..moe import moe_layers, parameter_counts
 from ..moe.expert_parallel import (
+    check_trainer_setup,
     drop_gathered_experts,
     gather_experts,
     reset_expert_optimizer_state,
@@ -104,6 +105,7 @@ class StageSwitchingTask:
         first_step = not self._resume_checked
         if first_step:
             check_resumed_stage(model, update_num)
+            check_trainer_setup(model, optimizer)
             if reset_expert_optimizer_state(optimizer, model):
                 logger.warning("StableMoE: resuming with expert parallelism: the experts' optimizer state "
                                "(e.g. Adam moments) starts afresh; shared parameters keep theirs")
