@@ -11,21 +11,18 @@ import subprocess
 import sys
 
 import torch
+from helpers import PLUGIN, ROOT, train_lm_args
 
 from fairseq_stablemoe.reshard_checkpoint import main as reshard_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLUGIN = os.path.join(ROOT, "fairseq_stablemoe")
 DISTRIBUTED = ["--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
-MODEL = ["--user-dir", PLUGIN, "--cpu", "--tokens-per-sample", "32", "--batch-size", "4",
-         "--required-batch-size-multiple", "1", "--num-workers", "0"]
-TRAIN = MODEL + [
-    "--task", "stablemoe_language_modeling", "--arch", "stablemoe_lm_tiny", "--decoder-layers", "2",
-    "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
-    "--moe-experts", "4", "--moe-sublayers", "1", "--distilled-dim", "8", "--stage1-updates", "12",
-    "--criterion", "stablemoe_cross_entropy", "--optimizer", "adam", "--lr", "3e-3", "--seed", "1",
-    "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "1", "--no-progress-bar",
-]
+BATCHES = ["--batch-size", "4", "--required-batch-size-multiple", "1"]  # exactly 4 blocks of 32 tokens
+EVAL = ["--user-dir", PLUGIN, "--cpu", "--tokens-per-sample", "32", "--num-workers", "0"] + BATCHES
+
+
+def train_args(data, save_dir, epochs, *extra):
+    return [str(a) for a in train_lm_args(data, save_dir, "--max-epoch", epochs, *BATCHES, *extra,
+                                          stage1=12, max_update=0)]
 
 
 def make_corpus(directory):
@@ -114,8 +111,7 @@ def test_train_two_ranks_resume_with_one_and_two_evaluate_anywhere(tmp_path, cap
     make_corpus(tmp)
     data = preprocess(tmp)
     first = os.path.join(tmp, "ckpt")
-    [log0, _] = wait(launch("fairseq_cli.train", [data, "--save-dir", first, "--max-epoch", "3"] + TRAIN,
-                               2, os.path.join(tmp, "train")))
+    [log0, _] = wait(launch("fairseq_cli.train", train_args(data, first, 3), 2, os.path.join(tmp, "train")))
     assert "expert parallelism over 2 ranks; this rank holds experts [0, 1]" in log0  # rank 1 logs warnings only
     assert "update 12: 1 MoE layer(s) enter stage 2" in log0
     assert "num_updates 24" in log0  # 3 epochs of 8 updates, switch at 12
@@ -131,10 +127,8 @@ def test_train_two_ranks_resume_with_one_and_two_evaluate_anywhere(tmp_path, cap
     os.makedirs(one)
     reshard_main([os.path.join(first, "checkpoint_last.pt"), os.path.join(one, "checkpoint_last.pt"),
                   "--world-size", "1"])
-    resume = [data, "--max-epoch", "4"] + TRAIN
-    on_two = launch("fairseq_cli.train", resume + ["--save-dir", two], 2, os.path.join(tmp, "resume2"))
-    on_one = launch("fairseq_cli.train", resume + ["--save-dir", one, "--update-freq", "2"], 1,
-                    os.path.join(tmp, "resume1"))
+    on_two = launch("fairseq_cli.train", train_args(data, two, 4), 2, os.path.join(tmp, "resume2"))
+    on_one = launch("fairseq_cli.train", train_args(data, one, 4, "--update-freq", 2), 1, os.path.join(tmp, "resume1"))
     [resumed2, _], [resumed1] = wait(on_two), wait(on_one)
     for log in (resumed2, resumed1):
         assert "Loaded checkpoint" in log and "@ 24 updates)" in log and "num_updates 32" in log
@@ -152,7 +146,7 @@ def test_train_two_ranks_resume_with_one_and_two_evaluate_anywhere(tmp_path, cap
     # fairseq-eval-lm of the 2-process model in one process (all experts local; run in this process) and
     # in two (experts sharded, each process evaluating half of the batches; only rank 0 prints).
     evaluate = [data, "--path", os.path.join(two, "checkpoint_last.pt"), "--gen-subset", "valid",
-                "--output-word-probs"] + MODEL
+                "--output-word-probs"] + EVAL
     on_two = launch("fairseq_cli.eval_lm", evaluate, 2, os.path.join(tmp, "eval2"))
     ppl_one, words_one = eval_lm_here(evaluate, caplog)
     [log0, _] = wait(on_two)
