@@ -13,7 +13,7 @@ from fairseq.data import Dictionary
 from fairseq.distributed import LegacyDistributedDataParallel
 
 from fairseq_stablemoe.moe import ExpertParallelDispatcher, MoEConfig, build_moe_layer
-from fairseq_stablemoe.moe.expert_parallel import expert_parallel_world, gather_experts
+from fairseq_stablemoe.moe.expert_parallel import check_trainer_setup, expert_parallel_world, gather_experts
 
 WORLD, EXPERTS, DIM, SEQ, BSZ = 2, 4, 8, 5, 3
 TOLERANCE = 1e-6
@@ -147,7 +147,10 @@ def check_expert_gradients_not_averaged(rank):
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"shared": torch.nn.Linear(DIM, DIM),
                                  "moe": build_moe_layer(moe_cfg(), DIM, 16, dictionary())})
+    with pytest.raises(ValueError, match="--ddp-backend legacy_ddp"):
+        check_trainer_setup(model, optimizer=None)  # e.g. c10d would average the different experts
     ddp = LegacyDistributedDataParallel(model, process_group=dist.group.WORLD)
+    check_trainer_setup(ddp, optimizer=None)
     planted = {}
     for name, p in model.named_parameters():
         p.grad = torch.full_like(p, float(rank + 1) * (10 if hasattr(p, "expert") else 1))
