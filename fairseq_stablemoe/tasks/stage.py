@@ -106,6 +106,10 @@ class StageSwitchingTask:
         if first_step:
             check_resumed_stage(model, update_num)
             check_trainer_setup(model, optimizer)
+            if probes and len(list(sharded_layers(model))) > 1:
+                # rank 0 probes alone; a second MoE layer would wait in an all-to-all the others never join
+                raise ValueError("--routing-probe-interval with expert parallelism works with one MoE layer; "
+                                 "with several, add --moe-expert-parallel off")
             if reset_expert_optimizer_state(optimizer, model):
                 logger.warning("StableMoE: resuming with expert parallelism: the experts' optimizer state "
                                "(e.g. Adam moments) starts afresh; shared parameters keep theirs")
