@@ -26,9 +26,9 @@ logger = logging.getLogger("fairseq_stablemoe.reshard_checkpoint")
 
 def rank0_parameter_names(model, cfg, world_size: int) -> List[str]:
     """The trainable parameters rank 0 of `world_size` processes hands to its optimizer, in order."""
-    ep_world = expert_parallel_world(cfg, world_size)
     foreign = set()
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        ep_world = expert_parallel_world(cfg, world_size, layer.num_experts)
         mine = set(expert_shard(layer.num_experts, ep_world, 0))
         for expert_id, expert in layer.experts.experts.items():
             if int(expert_id) not in mine:

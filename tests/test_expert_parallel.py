@@ -173,6 +173,7 @@ def check_placement_choices(rank):
     assert expert_parallel_world(moe_cfg()) == WORLD
     assert expert_parallel_world(moe_cfg(moe_expert_parallel="off")) == 1
     assert expert_parallel_world(moe_cfg(moe_experts=3)) == 1  # auto: replicated, with a warning
+    assert expert_parallel_world(moe_cfg(), num_experts=1) == 1  # a dense control's one FFN stack is shared
     with pytest.raises(ValueError, match="--moe-expert-parallel"):
         expert_parallel_world(moe_cfg(moe_experts=3, moe_expert_parallel="on"))
     replicated = build_moe_layer(moe_cfg(moe_expert_parallel="off"), DIM, 16, dictionary())

@@ -18,11 +18,12 @@ from . import comm
 logger = logging.getLogger(__name__)
 
 
-def expert_parallel_world(cfg, world: Optional[int] = None) -> int:
-    """How many of `world` ranks (default: this job's) the experts are sharded over; 1 = all on every rank."""
-    world, num_experts = world or comm.world_size(), cfg.moe_experts
+def expert_parallel_world(cfg, world: Optional[int] = None, num_experts: Optional[int] = None) -> int:
+    """How many of `world` ranks (default: this job's) a layer's `num_experts` (default --moe-experts) experts
+    are sharded over; 1 = all on every rank (a dense control's single FFN stack is shared like any parameter)."""
+    world, num_experts = world or comm.world_size(), num_experts or cfg.moe_experts
     mode = str(getattr(cfg, "moe_expert_parallel", "auto"))
-    if world == 1 or mode == "off":
+    if world == 1 or mode == "off" or num_experts == 1:
         return 1
     if num_experts % world == 0:
         return world
