@@ -38,7 +38,7 @@ def build_moe_layer(cfg, dim: int, ffn_dim: int, dictionary, activation: str = "
     world = expert_parallel_world(cfg, num_experts=num_experts)
     rank = comm.rank() if world > 1 else 0
     # drawn on every rank alike, so expert i has the same weights wherever it lives
-    seed = int(torch.randint(2**31 - 1 - num_experts, ()).item())
+    seed = int(torch.randint(2**31 - 1 - num_experts, (), device="cpu").item())
     experts = Experts(expert_shard(num_experts, world, rank), dim, expert_ffn_dim, sublayers, activation, seed=seed)
     dispatcher = None
     if world > 1:
