@@ -4,6 +4,14 @@ import logging
 from fairseq import metrics
 
 from ..moe import moe_layers, parameter_counts
+from ..moe.expert_parallel import (
+    check_trainer_setup,
+    drop_gathered_experts,
+    gather_experts,
+    reset_expert_optimizer_state,
+    scale_expert_gradients,
+    sharded_layers,
+)
 from .routing_probes import RoutingProbes
 
 logger = logging.getLogger(__name__)
@@ -53,8 +61,9 @@ def updates_done():
 
 
 class StageSwitchingTask:
-    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop and
-    records routing probes (the task config may mix in RoutingProbeConfig)."""
+    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop,
+    records routing probes (the task config may mix in RoutingProbeConfig) and does the training-loop side
+    of expert parallelism (gradient scale, checkpoint gather)."""
 
     _resume_checked = False
     _routing_probes = None
@@ -66,6 +75,11 @@ class StageSwitchingTask:
         logger.info(f"StableMoE: {shared:,} shared parameters, {expert:,} expert parameters, {routing:,} routing "
                     f"parameters ({shared / 1e6:.1f}M + {expert / 1e6:.1f}M + {routing / 1e6:.2f}M = "
                     f"{(shared + expert + routing) / 1e6:.1f}M; --moe-routing {getattr(cfg, 'moe_routing', '?')})")
+        sharded = list(sharded_layers(model))
+        if sharded:
+            scale_expert_gradients(model)
+            logger.info(f"StableMoE: expert parallelism over {sharded[0].dispatcher.world} ranks; this rank holds "
+                        f"experts {sharded[0].experts.global_ids} of each MoE layer")
         return model
 
     def build_criterion(self, cfg, *args, **kwargs):
@@ -91,7 +105,16 @@ class StageSwitchingTask:
         first_step = not self._resume_checked
         if first_step:
             check_resumed_stage(model, update_num)
+            check_trainer_setup(model, optimizer)
+            if probes and len(list(sharded_layers(model))) > 1:
+                # rank 0 probes alone; a second MoE layer would wait in an all-to-all the others never join
+                raise ValueError("--routing-probe-interval with expert parallelism works with one MoE layer; "
+                                 "with several, add --moe-expert-parallel off")
+            if reset_expert_optimizer_state(optimizer, model):
+                logger.warning("StableMoE: resuming with expert parallelism: the experts' optimizer state "
+                               "(e.g. Adam moments) starts afresh; shared parameters keep theirs")
             self._resume_checked = True
+        drop_gathered_experts(model)
         switch_stages(model, update_num)
         if probes:
             # the first step of a (resumed) run probes too: that is where the record continues
@@ -105,6 +128,7 @@ class StageSwitchingTask:
     def begin_valid_epoch(self, epoch, model):
         """Probe at each validation too, so the record ends at the final update."""
         super().begin_valid_epoch(epoch, model)
+        gather_experts(model)  # all ranks validate before fairseq saves; rank 0 then writes every expert
         update = updates_done()
         if self.routing_probes and update is not None:
             switch_stages(model, update)  # what the next train_step does first: the probe sees its routing
