@@ -12,18 +12,27 @@ during that copy leaves a truncated checkpoint_last.pt, and the next launch woul
 `prepare_resume` repairs that before fairseq loads it: the copy's source is the newest intact file beside it.
 """
 import argparse
+import collections
 import glob
 import logging
 import os
 import shutil
+import typing
 import zipfile
 from typing import List, Optional
 
 import torch
+from fairseq.distributed.utils import _TensorPlaceholder
+from omegaconf import DictConfig, ListConfig
+from omegaconf.base import ContainerMetadata, Metadata
+from omegaconf.nodes import AnyNode
 
 logger = logging.getLogger(__name__)
 
-FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace]
+# Namespace: old-style `args`. The rest: what fairseq pickles when rank 0 broadcasts a loaded checkpoint to
+# the other ranks (resuming with several processes): the omegaconf config and tensor placeholders.
+FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace, DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode,
+                              typing.Any, collections.defaultdict, dict, list, int, _TensorPlaceholder]
 
 if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_GLOBALS)

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(ROOT, "fairseq_stablemoe")
@@ -75,6 +76,32 @@ def build_lm(tmp_dir, *extra, vocab=50):
     cfg = convert_namespace_to_omegaconf(args)  # as fairseq-train does
     task = tasks.setup_task(cfg.task)
     return task.build_model(cfg.model), task
+
+
+WORDS = ["file", "open", "save", "the", "document", "menu", "click", "print", "page", "table", "insert", "cell",
+         "text", "select", "format", "window", "help", "edit", "view", "tools", "close", "new", "chart", "sheet"]
+
+
+def translate_word(word: str, lang: str) -> str:
+    """A made-up language: a fixed, learnable rewrite of each English word."""
+    return {"xx": word[::-1], "yy": word.upper() + "a"}[lang]
+
+
+def write_parallel_corpus(root, langs=("xx", "yy"), sizes=(("train", 400), ("valid", 40), ("test", 20)),
+                          seed=1):
+    """`<xx>-en/{train,valid,test}.{xx,en}` for made-up languages whose sentences are word-by-word rewrites
+    of random English ones (the layout examples/multilingual_translation takes)."""
+    rng = random.Random(seed)
+    root = Path(root)
+    for lang in langs:
+        pair = root / f"{lang}-en"
+        pair.mkdir(parents=True, exist_ok=True)
+        for split, n in sizes:
+            en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
+            (pair / f"{split}.en").write_text("\n".join(en) + "\n")
+            (pair / f"{split}.{lang}").write_text(
+                "\n".join(" ".join(translate_word(w, lang) for w in s.split()) for s in en) + "\n")
+    return root
 
 
 # --- in-process building and forked training (no interpreter start-up per run) ---

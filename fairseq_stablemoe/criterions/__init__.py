@@ -1,1 +1,1 @@
-from . import stablemoe_cross_entropy  # noqa: F401
+from . import stablemoe_cross_entropy, stablemoe_label_smoothed_cross_entropy  # noqa: F401

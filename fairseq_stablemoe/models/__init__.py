@@ -1,1 +1,2 @@
 from . import stablemoe_lm  # noqa: F401
+from . import stablemoe_transformer  # noqa: F401

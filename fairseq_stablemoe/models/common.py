@@ -1,4 +1,5 @@
 """What every StableMoE model shares: its MoE layers, the task it trains under, checkpoint checks."""
+from itertools import chain
 from typing import List
 
 from ..moe import MoELayer, moe_layers
@@ -20,7 +21,8 @@ class MoEModelMixin:
         return super().forward(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        for name, param in self.state_dict().items():
+        # named tensors, not state_dict(): under expert parallelism that one gathers other ranks' experts
+        for name, param in chain(self.named_parameters(), self.named_buffers()):
             # token-id tables: the distilled router's embedding, the hash routing's table
             if name.endswith(("distilled_router.embed.weight", "routing.table")) and name in state_dict:
                 saved = state_dict[name].shape[0]

@@ -1,9 +1,13 @@
 """The MoE layer: routing strategies, experts, dispatch, and where layers go in a model."""
 from typing import Iterator, Optional, Sequence, Tuple, Type
 
+import torch
 import torch.nn as nn
 
+from . import comm
 from .config import MoEConfig, validate_moe_config
+from .dispatch import ExpertParallelDispatcher
+from .expert_parallel import expert_parallel_world, expert_shard, tag_expert_parameters
 from .experts import Experts
 from .layer import MoELayer
 from .placement import (
@@ -31,10 +35,19 @@ def expert_layout(cfg, ffn_dim: int) -> Tuple[int, int, int]:
 def build_moe_layer(cfg, dim: int, ffn_dim: int, dictionary, activation: str = "relu",
                     layer_cls: Type[MoELayer] = MoELayer) -> MoELayer:
     num_experts, expert_ffn_dim, sublayers = expert_layout(cfg, ffn_dim)
-    experts = Experts(range(num_experts), dim, expert_ffn_dim, sublayers, activation)
+    world = expert_parallel_world(cfg, num_experts=num_experts)
+    rank = comm.rank() if world > 1 else 0
+    # drawn on every rank alike, so expert i has the same weights wherever it lives
+    seed = int(torch.randint(2**31 - 1 - num_experts, (), device="cpu").item())
+    experts = Experts(expert_shard(num_experts, world, rank), dim, expert_ffn_dim, sublayers, activation, seed=seed)
+    dispatcher = None
+    if world > 1:
+        dispatcher = ExpertParallelDispatcher(num_experts, world)
+        tag_expert_parameters(experts)
+        experts.needs_gathered = rank == 0
     routing = build_routing(cfg, dim, len(dictionary), dictionary.pad(), token_counts=dictionary.count)
     return layer_cls(routing, experts, num_experts, dictionary.pad(),
-                     cfg.capacity_factor, cfg.eval_capacity_factor)
+                     cfg.capacity_factor, cfg.eval_capacity_factor, dispatcher)
 
 
 def moe_layers(model: nn.Module) -> Iterator[MoELayer]:
@@ -54,6 +67,7 @@ def parameter_counts(model: nn.Module) -> Tuple[int, int, int]:
 
 __all__ = [
     "MoEConfig", "validate_moe_config", "MoELayer", "DecoderMoELayer", "EncoderMoELayer", "Experts",
-    "StableMoERouting", "build_moe_layer", "moe_layers", "parameter_counts", "place_moe_layers",
+    "StableMoERouting", "ExpertParallelDispatcher", "build_moe_layer", "moe_layers", "parameter_counts",
+    "place_moe_layers",
     "FeedsDecoderTokenIds", "FeedsEncoderTokenIds",
 ]

@@ -8,6 +8,7 @@ from .distilled_router import DISTILLED_ROUTERS
 from .routing import ROUTINGS
 
 MOE_POSITIONS = ChoiceEnum(["middle", "top", "bottom", "scattered"])
+EXPERT_PARALLEL_MODES = ChoiceEnum(["auto", "on", "off"])
 MOE_ROUTINGS = ChoiceEnum(list(ROUTINGS))
 DISTILLED_ROUTER_TYPES = ChoiceEnum(list(DISTILLED_ROUTERS))
 HASH_TYPES = ChoiceEnum(["balanced", "random"])
@@ -49,6 +50,11 @@ class MoEConfig(FairseqDataclass):
                                        "the rest pass through unchanged (0 = unlimited)"})
     eval_capacity_factor: float = field(
         default=0.0, metadata={"help": "the same at validation and inference (0 = unlimited)"})
+    moe_expert_parallel: EXPERT_PARALLEL_MODES = field(
+        default="auto",
+        metadata={"help": "with W > 1 processes: shard the experts, N/W per rank, and send tokens to them by "
+                          "all-to-all (on), or replicate every expert on every rank (off); auto = on when W "
+                          "divides --moe-experts"})
 
 
 def validate_moe_config(cfg, num_blocks: int):
@@ -83,7 +89,9 @@ def validate_moe_config(cfg, num_blocks: int):
                                ("--moe-routing", cfg.moe_routing, ROUTINGS),
                                ("--moe-position", cfg.moe_position, [str(p) for p in MOE_POSITIONS]),
                                ("--hash-type", cfg.hash_type, [str(p) for p in HASH_TYPES]),
-                               ("--stage1-assignment", cfg.stage1_assignment, [str(p) for p in STAGE1_ASSIGNMENTS])):
+                               ("--stage1-assignment", cfg.stage1_assignment, [str(p) for p in STAGE1_ASSIGNMENTS]),
+                               ("--moe-expert-parallel", getattr(cfg, "moe_expert_parallel", "auto"),
+                                [str(m) for m in EXPERT_PARALLEL_MODES])):
         if str(value) not in known:  # configs loaded by hydra or Python bypass argparse's choices
             fail(f"{flag} {value} is unknown; choose one of {', '.join(known)}")
     routing = str(cfg.moe_routing)

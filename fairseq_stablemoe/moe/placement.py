@@ -20,6 +20,9 @@ class EncoderMoELayer(MoELayer):
     def forward(self, x, *args, **kwargs):
         return super().forward(x)
 
+    def upgrade_state_dict_named(self, state_dict, name):
+        """fairseq's encoder calls this on each of its layers when loading a checkpoint; nothing to upgrade."""
+
 
 def insert_positions(num_blocks: int, num_moe: int, position: str) -> List[int]:
     """Block count before each MoE layer: stacked at one place, or one after evenly spaced blocks."""

@@ -6,6 +6,14 @@ from fairseq import metrics
 
 from ..checkpoints import prepare_resume
 from ..moe import moe_layers, parameter_counts
+from ..moe.expert_parallel import (
+    check_trainer_setup,
+    drop_gathered_experts,
+    gather_experts,
+    reset_expert_optimizer_state,
+    scale_expert_gradients,
+    sharded_layers,
+)
 from .routing_probes import RoutingProbes
 
 logger = logging.getLogger(__name__)
@@ -80,8 +88,9 @@ def updates_done():
 
 
 class StageSwitchingTask:
-    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop and
-    records routing probes (the task config may mix in RoutingProbeConfig).
+    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop,
+    records routing probes (the task config may mix in RoutingProbeConfig) and does the training-loop side
+    of expert parallelism (gradient scale, checkpoint gather).
 
     The task reads three training options through its config (save_dir, restore_file, max_update: see
     StableMoELanguageModelingConfig; legacy argparse tasks have them in their args).
@@ -106,6 +115,11 @@ class StageSwitchingTask:
                     f"{(shared + expert + routing) / 1e6:.1f}M; --moe-routing {getattr(cfg, 'moe_routing', '?')})")
         if not from_checkpoint:  # fairseq-train builds a fresh model, then loads the checkpoint it resumes
             self.prepare_training(model)
+        sharded = list(sharded_layers(model))
+        if sharded:
+            scale_expert_gradients(model)
+            logger.info(f"StableMoE: expert parallelism over {sharded[0].dispatcher.world} ranks; this rank holds "
+                        f"experts {sharded[0].experts.global_ids} of each MoE layer")
         return model
 
     def prepare_training(self, model):
@@ -138,7 +152,16 @@ class StageSwitchingTask:
         if first_step:
             check_resumed_stage(model, update_num)
             check_optimizer(optimizer)
+            check_trainer_setup(model, optimizer)
+            if probes and len(list(sharded_layers(model))) > 1:
+                # rank 0 probes alone; a second MoE layer would wait in an all-to-all the others never join
+                raise ValueError("--routing-probe-interval with expert parallelism works with one MoE layer; "
+                                 "with several, add --moe-expert-parallel off")
+            if reset_expert_optimizer_state(optimizer, model):
+                logger.warning("StableMoE: resuming with expert parallelism: the experts' optimizer state "
+                               "(e.g. Adam moments) starts afresh; shared parameters keep theirs")
             self._resume_checked = True
+        drop_gathered_experts(model)
         switch_stages(model, update_num)
         if probes:
             # the first step of a (resumed) run probes too: that is where the record continues
@@ -152,6 +175,7 @@ class StageSwitchingTask:
     def begin_valid_epoch(self, epoch, model):
         """Probe at each validation too, so the record ends at the final update."""
         super().begin_valid_epoch(epoch, model)
+        gather_experts(model)  # all ranks validate before fairseq saves; rank 0 then writes every expert
         update = updates_done()
         if self.routing_probes and update is not None:
             switch_stages(model, update)  # what the next train_step does first: the probe sees its routing

@@ -1,0 +1,71 @@
+from dataclasses import dataclass, field
+
+from fairseq import metrics, utils
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+
+from .expert_usage import language_expert_counts, record_routing
+from .moe_aux import MoEAuxLossMixin
+
+
+@dataclass
+class StableMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    balance_factor: float = field(default=0.3, metadata={"help": "α: weight of the balance loss (paper Eq. 8)"})
+    distill_factor: float = field(default=0.3, metadata={"help": "weight of the distillation loss (paper Eq. 10)"})
+    switch_loss_factor: float = field(
+        default=0.01, metadata={"help": "--moe-routing switch: weight of the Switch load-balancing loss "
+                                        "N·Σ f_i·P_i (Switch Transformer's default 0.01)"})
+
+
+@register_criterion("stablemoe_label_smoothed_cross_entropy", dataclass=StableMoELabelSmoothedCrossEntropyConfig)
+class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothedCrossEntropyCriterion):
+    """Label-smoothed CE + α·L_bal + β·L_dis (+ the baselines' losses), every term a token sum normalised by fairseq's sample size.
+
+    At validation, under a task that knows each sentence's language, it also counts the tokens each expert takes
+    per language (the task logs them: lang_experts_enc/dec, each language's top experts; lang_overlap_enc/dec).
+    """
+
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
+                 balance_factor=0.3, distill_factor=0.3, switch_loss_factor=0.01):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        self.aux_factors = {"balance": balance_factor, "distill": distill_factor, "switch": switch_loss_factor}
+
+    def forward(self, model, sample, reduce=True):
+        languages = None
+        if not model.training and hasattr(self.task, "sentence_languages"):
+            languages = self.task.sentence_languages(sample)
+            if languages is not None:
+                record_routing(model)
+        net_output = model(**sample["net_input"])
+        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        loss = self.add_moe_losses(model, loss, logging_output)
+        logging_output["nll_loss"] = nll_loss.data
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"] = utils.item(n_correct.data)
+            logging_output["total"] = utils.item(total.data)
+        if languages is not None:
+            logging_output["moe_lang_expert"] = language_expert_counts(model, *languages, len(self.task.langs))
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        MoEAuxLossMixin.reduce_moe_metrics(logging_outputs)
+        total = utils.item(sum(log.get("total", 0) for log in logging_outputs))
+        if total > 0:
+            metrics.log_scalar("total", total)
+            metrics.log_scalar("n_correct", utils.item(sum(log.get("n_correct", 0) for log in logging_outputs)))
+            metrics.log_derived("accuracy", lambda m: round(m["n_correct"].sum * 100.0 / m["total"].sum, 3))
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

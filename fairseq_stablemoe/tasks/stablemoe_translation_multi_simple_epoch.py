@@ -1,0 +1,55 @@
+"""fairseq's translation_multi_simple_epoch, plus the StableMoE stage switch and the language of each sentence."""
+from typing import Optional, Tuple
+
+import torch
+from fairseq.data.multilingual.multilingual_utils import get_lang_tok
+from fairseq.tasks import register_task
+from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
+
+from ..criterions.expert_usage import log_language_usage
+from .routing_probes import add_routing_probe_args
+from .stage import StageSwitchingTask
+
+
+@register_task("stablemoe_translation_multi_simple_epoch")
+class StableMoETranslationMultiSimpleEpochTask(StageSwitchingTask, TranslationMultiSimpleEpochTask):
+    """Language tokens, temperature sampling, one or many pairs, shared or separate dictionaries: all fairseq's.
+    Adds the stage switch, routing probes (--routing-probe-interval) and per-language expert usage."""
+
+    @staticmethod
+    def add_args(parser):
+        TranslationMultiSimpleEpochTask.add_args(parser)
+        add_routing_probe_args(parser)
+
+    def _language_of_token(self, dictionary) -> torch.Tensor:
+        """Token id -> index in self.langs for the language tags (`__de__`), -1 for every other token."""
+        table = torch.full((len(dictionary),), -1, dtype=torch.long)
+        for i, lang in enumerate(self.langs):
+            idx = dictionary.index(get_lang_tok(lang, self.args.lang_tok_style))
+            if idx != dictionary.unk():
+                table[idx] = i
+        return table
+
+    def sentence_languages(self, sample) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(source language, target language) of each sentence, as indices in self.langs (-1 = not known),
+        read from the language tags in the batch; None when the batch has no tags."""
+        enc_spec, dec_spec = self.args.langtoks["main"]
+        src = sample["net_input"]["src_tokens"]
+        prev = sample["net_input"].get("prev_output_tokens")
+        if not hasattr(self, "_lang_tables"):
+            self._lang_tables = (self._language_of_token(self.source_dictionary),
+                                 self._language_of_token(self.target_dictionary))
+        src_table, tgt_table = (t.to(src.device) for t in self._lang_tables)
+        unknown = src.new_full((src.size(0),), -1)
+        enc_tag = src_table[src].max(1).values if enc_spec else unknown
+        dec_tag = tgt_table[prev].max(1).values if dec_spec and prev is not None else unknown
+        src_lang = enc_tag if enc_spec and enc_spec.startswith("src") else unknown
+        tgt_lang = dec_tag if dec_spec else (enc_tag if enc_spec else unknown)
+        if src_lang.lt(0).all() and tgt_lang.lt(0).all():
+            return None
+        return src_lang, tgt_lang
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if logging_outputs and "moe_lang_expert" in logging_outputs[0]:
+            log_language_usage(sum(log["moe_lang_expert"] for log in logging_outputs), self.langs)
