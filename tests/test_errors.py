@@ -97,6 +97,10 @@ MESSAGES = {
         "binarized with another dictionary than the model's; binarize it with the model's "
         "dict.txt (fairseq-preprocess --srcdict)",
     "no-token-ids": "MoELayer needs the token ids: the model sets them before each forward",
+    "experts-vs-world": "--moe-expert-parallel on needs the number of processes (3) to divide --moe-experts (8); use "
+                        "a multiple of 3 experts, or --moe-expert-parallel off to replicate the experts on every rank",
+    "experts-vs-world-auto": "3 processes do not divide --moe-experts 8: every rank holds all experts (no expert "
+                             "parallelism); use a multiple of 3 experts to shard them",
     "hash-dictionary": "the checkpoint's hash table covers 12 token ids but this model's dictionary has 10: evaluate "
                        "with the dictionary the model was trained with (the data directory passed to fairseq-train)",
     "hash-counts": "--hash-type balanced needs the training data's count of each of the dictionary's 48 tokens (a "
@@ -276,6 +280,21 @@ def test_layer_without_token_ids(built):
         assert str(err.value) == message
     finally:
         layer.route_tokens = saved
+
+
+def test_experts_not_divisible_by_the_world_size(caplog):
+    from fairseq_stablemoe.moe.expert_parallel import expert_parallel_world
+
+    cfg = moe_config(moe_experts=8)
+    cfg.moe_expert_parallel = "on"
+    with pytest.raises(ValueError) as err:
+        expert_parallel_world(cfg, world=3)
+    assert str(err.value) == MESSAGES["experts-vs-world"]
+    cfg.moe_expert_parallel = "auto"  # the default: falls back to replicated experts, and says so
+    with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe"):
+        assert expert_parallel_world(cfg, world=3) == 1
+    assert MESSAGES["experts-vs-world-auto"] in [r.getMessage() for r in caplog.records]
+    assert expert_parallel_world(cfg, world=4) == 4
 
 
 def test_hash_table_of_another_dictionary():
