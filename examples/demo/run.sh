@@ -25,7 +25,7 @@ fairseq-train "$OUT/bin" --user-dir fairseq_stablemoe --cpu \
   --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.1 --lr 2e-3 \
   --lr-scheduler polynomial_decay --total-num-update "$UPDATES" --warmup-updates $((UPDATES / 20)) \
   --tokens-per-sample 128 --sample-break-mode none --batch-size 8 \
-  --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --validate-interval-updates $((UPDATES / 4)) \
+  --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --validate-interval-updates $((UPDATES / 4)) --max-valid-steps 50 \
   --log-format simple --log-interval 50 --seed 1 2>&1 | tee "$OUT/train.log" | grep -v -i warn
 
 echo

@@ -1,6 +1,7 @@
 """MoE losses and routing statistics, summed over all MoE layers, for any task criterion."""
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
@@ -29,6 +30,17 @@ def collect_moe_aux(model) -> Dict[str, torch.Tensor]:
     return total
 
 
+@dataclass
+class MoEAuxLossConfig:
+    """The MoE loss weights, mixed into each criterion's config dataclass."""
+
+    balance_factor: float = field(default=0.3, metadata={"help": "α: weight of the balance loss (paper Eq. 8)"})
+    distill_factor: float = field(default=0.3, metadata={"help": "weight of the distillation loss (paper Eq. 10)"})
+    switch_loss_factor: float = field(
+        default=0.01, metadata={"help": "--moe-routing switch: weight of the Switch load-balancing loss "
+                                        "N·Σ f_i·P_i (Switch Transformer's default 0.01)"})
+
+
 class MoEAuxLossMixin:
     """Mix into a criterion: `aux_factors` maps a layer loss name (e.g. balance) to its weight."""
 
@@ -47,7 +59,10 @@ class MoEAuxLossMixin:
     def add_moe_losses(self, model, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
         aux = collect_moe_aux(model)
         loss = task_loss
+        produced = {name for layer in moe_layers(model) for name in getattr(layer.routing, "loss_names", ())}
         for name, factor in self.aux_factors.items():
+            if name not in produced:
+                continue
             value = aux.get(f"{name}_loss")
             if value is None:  # e.g. stage 2, or validation: the term is not part of the objective
                 value = task_loss.new_zeros(())

@@ -1,18 +1,14 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fairseq.criterions import register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 
-from .moe_aux import MoEAuxLossMixin
+from .moe_aux import MoEAuxLossConfig, MoEAuxLossMixin
 
 
 @dataclass
-class StableMoECrossEntropyConfig(CrossEntropyCriterionConfig):
-    balance_factor: float = field(default=0.3, metadata={"help": "α: weight of the balance loss (paper Eq. 8)"})
-    distill_factor: float = field(default=0.3, metadata={"help": "weight of the distillation loss (paper Eq. 10)"})
-    switch_loss_factor: float = field(
-        default=0.01, metadata={"help": "--moe-routing switch: weight of the Switch load-balancing loss "
-                                        "N·Σ f_i·P_i (Switch Transformer's default 0.01)"})
+class StableMoECrossEntropyConfig(CrossEntropyCriterionConfig, MoEAuxLossConfig):
+    pass
 
 
 @register_criterion("stablemoe_cross_entropy", dataclass=StableMoECrossEntropyConfig)

@@ -1,4 +1,4 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
@@ -8,16 +8,12 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 
 from .expert_usage import language_expert_counts, record_routing
-from .moe_aux import MoEAuxLossMixin
+from .moe_aux import MoEAuxLossConfig, MoEAuxLossMixin
 
 
 @dataclass
-class StableMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
-    balance_factor: float = field(default=0.3, metadata={"help": "α: weight of the balance loss (paper Eq. 8)"})
-    distill_factor: float = field(default=0.3, metadata={"help": "weight of the distillation loss (paper Eq. 10)"})
-    switch_loss_factor: float = field(
-        default=0.01, metadata={"help": "--moe-routing switch: weight of the Switch load-balancing loss "
-                                        "N·Σ f_i·P_i (Switch Transformer's default 0.01)"})
+class StableMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig, MoEAuxLossConfig):
+    pass
 
 
 @register_criterion("stablemoe_label_smoothed_cross_entropy", dataclass=StableMoELabelSmoothedCrossEntropyConfig)
@@ -31,7 +27,7 @@ class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothed
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
                  balance_factor=0.3, distill_factor=0.3, switch_loss_factor=0.01):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        self.aux_factors = {"balance": balance_factor, "distill": distill_factor, "switch": switch_loss_factor}
+        self.set_aux_factors(balance=balance_factor, distill=distill_factor, switch=switch_loss_factor)
 
     def forward(self, model, sample, reduce=True):
         languages = None

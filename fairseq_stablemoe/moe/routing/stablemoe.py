@@ -35,6 +35,8 @@ def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -
 
 
 class StableMoERouting(nn.Module):
+    loss_names = ("balance", "distill")  # what it may put in Routing.losses
+
     def __init__(self, dim: int, num_experts: int, distilled_router: DistilledRouter,
                  stage1_updates: int, stage1_assignment: str = "greedy"):
         super().__init__()

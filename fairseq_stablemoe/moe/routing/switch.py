@@ -21,6 +21,8 @@ def switch_loss(probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
 
 
 class SwitchRouting(nn.Module):
+    loss_names = ("switch",)  # what it may put in Routing.losses
+
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
         self.num_experts = num_experts
