@@ -160,3 +160,32 @@ def test_train_two_ranks_resume_with_one_and_two_evaluate_anywhere(tmp_path, cap
     reported = float(re.search(r"Perplexity: ([\d.]+)", log0).group(1))  # rounded to 2 decimals
     shared = [x for sample in words_two for x in words_one[sample]]
     assert abs(perplexity(mine) - perplexity(shared)) < 1e-4 and abs(reported - perplexity(mine)) < 5e-3
+
+
+def test_translation_trained_on_two_ranks_generates_in_one_process(tmp_path):
+    from helpers import run_cli, write_parallel_corpus
+
+    raw = write_parallel_corpus(tmp_path / "raw", langs=("xx",), sizes=(("train", 160), ("valid", 16), ("test", 13)))
+    run_cli("fairseq_cli.preprocess", [
+        "-s", "xx", "-t", "en", "--joined-dictionary", "--destdir", tmp_path / "bin", "--workers", 1,
+        *[a for split in ("train", "valid", "test") for a in (f"--{split}pref", raw / "xx-en" / split)]])
+    task = ["--user-dir", PLUGIN, "--task", "stablemoe_translation_multi_simple_epoch", "--langs", "xx,en",
+            "--lang-pairs", "xx-en,en-xx", "--encoder-langtok", "src", "--decoder-langtok"]
+    train = [str(a) for a in [
+        tmp_path / "bin", *task, "--arch", "stablemoe_transformer_tiny", "--share-all-embeddings",
+        "--moe-experts", 4, "--moe-sublayers", 1, "--criterion", "stablemoe_label_smoothed_cross_entropy",
+        "--label-smoothing", 0.1, "--stage1-updates", 4, "--max-update", 8, "--optimizer", "adam", "--lr", 3e-3,
+        "--max-tokens", 600, "--cpu", "--save-dir", tmp_path / "ckpt", "--no-epoch-checkpoints", "--seed", 1,
+        "--log-format", "simple", "--num-workers", 0]]
+    logs = wait(launch("fairseq_cli.train", train, 2, str(tmp_path / "train")))
+    assert "update 4: 2 MoE layer(s) enter stage 2" in logs[0]
+    assert "expert parallel: rank 1 of 2 holds experts [2, 3] of 4" in logs[1]
+    state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)["model"]
+    for stack in ("encoder", "decoder"):  # rank 0's checkpoint holds both ranks' experts of both stacks
+        ids = {k.split("experts.experts.")[1].split(".")[0] for k in state if k.startswith(stack) and ".experts." in k}
+        assert ids == {"0", "1", "2", "3"}, (stack, ids)
+
+    out = run_cli("fairseq_cli.generate", [
+        tmp_path / "bin", *task, "-s", "xx", "-t", "en", "--path", tmp_path / "ckpt" / "checkpoint_last.pt",
+        "--gen-subset", "test", "--beam", 2, "--batch-size", 8, "--required-batch-size-multiple", 1, "--cpu"])
+    assert len(re.findall(r"^H-\d+\t", out, re.M)) == 13

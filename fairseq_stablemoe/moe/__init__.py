@@ -1,4 +1,5 @@
 """The MoE layer: routing strategies, experts, dispatch, and where layers go in a model."""
+import logging
 from typing import Iterator, Optional, Sequence, Tuple, Type
 
 import torch
@@ -15,6 +16,8 @@ from .placement import (
 )
 from .routing import ROUTINGS, StableMoERouting
 
+
+logger = logging.getLogger(__name__)
 
 def build_routing(cfg, dim: int, vocab_size: int, padding_idx: int,
                   token_counts: Optional[Sequence[int]] = None) -> nn.Module:
@@ -45,6 +48,7 @@ def build_moe_layer(cfg, dim: int, ffn_dim: int, dictionary, activation: str = "
         dispatcher = ExpertParallelDispatcher(num_experts, world)
         tag_expert_parameters(experts)
         experts.needs_gathered = rank == 0
+        logger.info(f"expert parallel: rank {rank} of {world} holds experts {experts.global_ids} of {num_experts}")
     routing = build_routing(cfg, dim, len(dictionary), dictionary.pad(), token_counts=dictionary.count)
     return layer_cls(routing, experts, num_experts, dictionary.pad(),
                      cfg.capacity_factor, cfg.eval_capacity_factor, dispatcher)
