@@ -78,7 +78,7 @@ def forced_inputs(tokens, experts, dim, skewed, seed=0, dtype=torch.float32, dev
     target = target_experts(rows * seq, experts, skewed, g)  # time-major order, like the layer's flat view
     h = torch.randn(rows * seq, dim, generator=g)
     h[torch.arange(h.size(0)), target] += 20.0  # the chosen expert's affinity beats every other by far
-    ids = target + experts * torch.randint(1, IDS_PER_EXPERT, (target.numel(),), generator=g)
+    ids = target + experts * torch.randint(PAD // experts + 1, IDS_PER_EXPERT, (target.numel(),), generator=g)
     ids = ids.view(seq, rows).t().contiguous()
     assert not ids.eq(PAD).any()
     x = h.view(seq, rows, dim).to(device=device, dtype=dtype)

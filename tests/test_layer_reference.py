@@ -117,3 +117,15 @@ def test_inverse_permutation_undoes_the_sort():
     inverse = inverse_permutation(order)
     assert torch.equal(order[inverse], torch.arange(50))
     assert torch.equal(inverse[order], torch.arange(50))
+
+
+def test_routing_scores_stay_float32_under_autocast():
+    layer = make_layer(1)
+    x, tokens = inputs()
+    router = layer.routing.distilled_router
+    plain = router(tokens, x.size(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = router(tokens, x.size(0))
+        routing = layer.routing(x.reshape(-1, DIM), TokenView(tokens, x.size(0), None))
+    assert mixed.dtype == torch.float32 and routing.gate.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain)

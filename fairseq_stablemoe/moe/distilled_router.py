@@ -35,7 +35,8 @@ class DistilledRouter(nn.Module):
     def forward(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
         """ŝ (B x last x N) for the `last` newest positions of `tokens` (B x S)."""
         h = self.features(tokens)[:, -last:]
-        return F.linear(h.float(), self.centroids.float())
+        with torch.autocast(device_type=h.device.type, enabled=False):  # routing decisions stay float32
+            return F.linear(h.float(), self.centroids.float())
 
     @torch.no_grad()
     def route(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
