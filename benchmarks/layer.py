@@ -11,6 +11,7 @@ Prints tables; passes no judgement.
 """
 import os
 import random
+import signal
 import statistics
 import sys
 import time
@@ -106,10 +107,17 @@ def measure(steps, rounds, warmup, timer, seed=0):
         for name in names:
             steps[name]()
     times = {name: [] for name in names}
-    for _ in range(rounds):
-        rng.shuffle(names)
-        for name in names:
-            times[name].append(timer(steps[name]))
+    try:
+        for _ in range(rounds):
+            rng.shuffle(names)
+            for name in names:
+                times[name].append(timer(steps[name]))
+    except KeyboardInterrupt:  # stopped (Ctrl-C or SIGTERM): keep the complete rounds, then stop
+        done = min(len(t) for t in times.values())
+        if not done:
+            raise
+        times = {name: t[:done] for name, t in times.items()}
+        times["interrupted"] = True
     return times
 
 
@@ -118,6 +126,7 @@ def median_ratio(times, a, b):
 
 
 def main():
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped run still prints its complete rounds
     p = common_args(__doc__)
     p.add_argument("--pairs", type=int, default=9, help="interleaved rounds (medians of per-round ratios)")
     p.add_argument("--warmup", type=int, default=1)
@@ -133,8 +142,8 @@ def main():
     timer = Timer(device)
     print(f"# torch {torch.__version__}, {device.type}, {dtype}, threads {torch.get_num_threads()}, "
           f"{args.sublayers} sublayers, FFN {args.ffn_mult}d, {args.pairs} interleaved rounds, medians")
-    head = ("| N | tokens | d | routing | dense ms | floor/dense | S1/floor | S2/floor | S1/dense | S2/dense "
-            "| S2/S1 |")
+    head = ("| N | tokens | d | routing | rounds | dense ms | floor/dense | S1/floor | S2/floor | S1/dense "
+            "| S2/dense | S2/S1 |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for dim in args.dims:
@@ -146,7 +155,9 @@ def main():
                     steps = case_steps(experts, tokens, dim, args.ffn_mult * dim, args.sublayers,
                                        routing == "skewed", args.stages, device, dtype)
                     times = measure(steps, args.pairs, args.warmup, timer)
-                    row = [experts, tokens, dim, routing, f"{1e3 * statistics.median(times['dense']):.0f}",
+                    interrupted = times.pop("interrupted", False)
+                    row = [experts, tokens, dim, routing, len(times["dense"]),
+                           f"{1e3 * statistics.median(times['dense']):.0f}",
                            f"{median_ratio(times, 'floor', 'dense'):.3f}"]
                     for ref in ("floor", "dense"):
                         for stage in (1, 2):
@@ -155,6 +166,8 @@ def main():
                     both = "stage1" in times and "stage2" in times
                     row.append(f"{median_ratio(times, 'stage2', 'stage1'):.3f}" if both else "-")
                     print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
+                    if interrupted:
+                        return
                     del steps, times
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -119,6 +119,7 @@ def main():
         for name in ready:
             with tempfile.TemporaryDirectory() as save_dir:
                 wps[name].append(train_wps(data, runs[name], args, save_dir))
+            print(f"# {name}: {wps[name][-1]:.0f} words/s", file=sys.stderr, flush=True)
     print(f"# fairseq-train, stablemoe_lm_tiny shape (4 x 128/512), {args.experts} experts x {args.sublayers} "
           f"sublayers, {args.batch_size} x {args.tokens_per_sample} tokens a batch, {args.max_update} updates, "
           f"{args.threads} thread(s), {args.repeats} interleaved repeats; reference: {reference}")
