@@ -4,7 +4,8 @@
 
 Every variant trains the same model shape on the same data and batches for --max-update updates; words/s is
 fairseq's own `wps` of its train_inner logs (the first interval, with start-up, is left out), the median of a run.
-Runs are interleaved: each repeat runs every variant once, in a fresh random order, and a ratio is the median
+Words per CPU-second counts the whole fairseq-train process (start-up included, the same for every variant):
+unlike wps it does not count the time other processes hold the cores. Runs are interleaved: each repeat runs every variant once, in a fresh random order, and a ratio is the median
 over repeats of the per-repeat ratio to the reference, so load from other processes cancels out.
 
 Variants (those whose routing this checkout lacks are listed as such):
@@ -21,6 +22,7 @@ import json
 import os
 import random
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,14 +80,18 @@ def train_wps(data, flags, args, save_dir):
            "--log-format", "json", "--log-interval", str(args.log_interval), "--cpu", "--seed", "1",
            "--save-dir", save_dir, "--no-save", "--disable-validation", "--num-workers", "0"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{run.stderr[-3000:]}")
     logs = [json.loads(m.group(1)) for m in INNER.finditer(run.stdout + run.stderr)]
     wps = [float(log["wps"]) for log in logs[1:]]  # the first interval holds the start-up
     if not wps:
         raise RuntimeError(f"no train_inner logs after the first: raise --max-update\n{run.stderr[-2000:]}")
-    return statistics.median(wps)
+    words = args.max_update * args.batch_size * args.tokens_per_sample
+    return statistics.median(wps), words / cpu_s
 
 
 def main():
@@ -113,24 +119,30 @@ def main():
     ready = [name for name, flags in runs.items() if flags is not None]
     reference = "dense" if runs["dense"] is not None else "transformer_lm (stand-in)"
     wps = {name: [] for name in ready}
+    per_cpu_s = {name: [] for name in ready}
     rng = random.Random(0)
     for _ in range(args.repeats):
         rng.shuffle(ready)
         for name in ready:
             with tempfile.TemporaryDirectory() as save_dir:
-                wps[name].append(train_wps(data, runs[name], args, save_dir))
-            print(f"# {name}: {wps[name][-1]:.0f} words/s", file=sys.stderr, flush=True)
+                wall, cpu = train_wps(data, runs[name], args, save_dir)
+            wps[name].append(wall)
+            per_cpu_s[name].append(cpu)
+            print(f"# {name}: {wall:.0f} words/s, {cpu:.0f} words per CPU-second", file=sys.stderr, flush=True)
     print(f"# fairseq-train, stablemoe_lm_tiny shape (4 x 128/512), {args.experts} experts x {args.sublayers} "
           f"sublayers, {args.batch_size} x {args.tokens_per_sample} tokens a batch, {args.max_update} updates, "
           f"{args.threads} thread(s), {args.repeats} interleaved repeats; reference: {reference}")
-    print(f"| variant | words/s (median) | ÷ {reference} |")
-    print("|---|---|---|")
+    print(f"| variant | words/s (fairseq wps) | ÷ {reference} | words per CPU-second (whole run) | ÷ {reference} |")
+    print("|---|---|---|---|---|")
     for name, flags in runs.items():
         if flags is None:
-            print(f"| {name} | not in this checkout's --moe-routing choices | - |")
+            print(f"| {name} | not in this checkout's --moe-routing choices | - | - | - |")
             continue
-        ratio = statistics.median(a / b for a, b in zip(wps[name], wps[reference]))
-        print(f"| {name} | {statistics.median(wps[name]):.0f} | {ratio:.3f} |")
+        row = [name]
+        for table in (wps, per_cpu_s):
+            row.append(f"{statistics.median(table[name]):.0f}")
+            row.append(f"{statistics.median(a / b for a, b in zip(table[name], table[reference])):.3f}")
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
