@@ -1,11 +1,9 @@
 """What the benchmarks share: building an MoE layer, its FLOP-matched dense FFN, its floor, and forced routing."""
 import argparse
-from types import SimpleNamespace
-
 import torch
 import torch.nn as nn
 
-from fairseq_stablemoe.moe import build_moe_layer
+from fairseq_stablemoe.moe import MoEConfig, build_moe_layer
 from fairseq_stablemoe.moe.experts import build_expert
 
 PAD = 1
@@ -16,6 +14,7 @@ IDS_PER_EXPERT = 8  # vocabulary = IDS_PER_EXPERT x N ids; the stage-2 table sen
 class Dictionary:
     def __init__(self, size):
         self.size = size
+        self.count = [1] * size
 
     def __len__(self):
         return self.size
@@ -24,10 +23,9 @@ class Dictionary:
         return PAD
 
 
-def moe_config(experts: int, sublayers: int) -> SimpleNamespace:
-    return SimpleNamespace(moe_experts=experts, moe_sublayers=sublayers, moe_ffn_embed_dim=0,
-                           moe_routing="stablemoe", stage1_updates=0, distilled_router="wordemb",
-                           distilled_dim=50, capacity_factor=0.0, eval_capacity_factor=0.0)
+def moe_config(experts: int, sublayers: int) -> MoEConfig:
+    return MoEConfig(moe_experts=experts, moe_sublayers=sublayers, moe_routing="stablemoe", stage1_updates=0,
+                     distilled_router="wordemb", distilled_dim=50)
 
 
 def vocab_size(experts: int) -> int:

@@ -1,10 +1,8 @@
 """The MoE layer's sort-and-slice computation equals a naive token-by-token one, values and gradients."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from fairseq_stablemoe.moe import build_moe_layer
+from fairseq_stablemoe.moe import MoEConfig, build_moe_layer
 from fairseq_stablemoe.moe.layer import inverse_permutation
 from fairseq_stablemoe.moe.routing import TokenView
 
@@ -12,6 +10,8 @@ PAD, VOCAB, EXPERTS, DIM = 1, 20, 4, 16
 
 
 class Dictionary:
+    count = [1] * VOCAB
+
     def __len__(self):
         return VOCAB
 
@@ -21,9 +21,8 @@ class Dictionary:
 
 def make_layer(stage, capacity_factor=0.0):
     torch.manual_seed(0)
-    cfg = SimpleNamespace(moe_experts=EXPERTS, moe_sublayers=2, moe_ffn_embed_dim=0, moe_routing="stablemoe",
-                          stage1_updates=0, distilled_router="wordemb", distilled_dim=8,
-                          capacity_factor=capacity_factor, eval_capacity_factor=0.0)
+    cfg = MoEConfig(moe_experts=EXPERTS, moe_sublayers=2, moe_routing="stablemoe", stage1_updates=0,
+                    distilled_router="wordemb", distilled_dim=8, capacity_factor=capacity_factor)
     layer = build_moe_layer(cfg, DIM, 32, Dictionary())
     with torch.no_grad():
         for p in layer.experts.parameters():  # ff2 starts at zero: make every expert do something
