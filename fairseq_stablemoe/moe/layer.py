@@ -16,6 +16,29 @@ def capacity_keep(expert_sorted: torch.Tensor, counts: torch.Tensor, capacity: i
     return rank_in_expert < capacity
 
 
+class _Permute(torch.autograd.Function):
+    """Rows of x in `order`, a permutation: the backward is a gather by the inverse permutation.
+
+    Indexing (x[order], x.index_copy) would instead scatter-add the gradient into zeros, or copy x whole.
+    """
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
 class MoELayer(nn.Module):
     """h_t + g_t · FFN_{e_t}(h_t) for each token's expert e_t (paper Eq. 4), inserted between blocks.
 
@@ -86,7 +109,9 @@ class MoELayer(nn.Module):
             dropped = counts.sum() - keep.sum()
             counts = counts.clamp(max=capacity)
 
-        x_sorted = h[order]
+        # without drops the sort is a permutation of the rows, undone by the inverse permutation
+        inverse = inverse_permutation(order) if order.numel() == h.size(0) else None
+        x_sorted = h[order] if inverse is None else _Permute.apply(h, order, inverse)
         y_sorted = self.dispatcher(x_sorted, counts.tolist(), self.experts)
         if routing.gate is not None:
             y_sorted = torch.lerp(x_sorted, y_sorted, routing.gate[order].to(y_sorted.dtype).unsqueeze(1))
@@ -96,4 +121,6 @@ class MoELayer(nn.Module):
             "tokens": h.new_tensor(h.size(0), dtype=torch.long),
             "dropped": dropped,
         }
-        return h.index_copy(0, order, y_sorted)
+        if inverse is None:  # dropped tokens pass through unchanged
+            return h.index_copy(0, order, y_sorted)
+        return _Permute.apply(y_sorted, inverse, order)

@@ -1,0 +1,184 @@
+"""MoE layer forward+backward time against the FLOP-matched dense FFN and against the floor.
+
+    python benchmarks/layer.py --quick
+    python benchmarks/layer.py --experts 8 32 --tokens 8192 --dims 512 --pairs 9
+
+dense: one expert's stack (same d, FFN size and sublayers) on every token: the model the MoE layer replaces.
+floor: the N experts on their tokens already split per expert: no routing, gather, gate or scatter.
+Every figure is the median over interleaved rounds (layer, dense, floor and the other stage run back to back
+in a shuffled order each round) of per-round ratios, so load from other processes cancels out.
+Prints tables; passes no judgement.
+"""
+import os
+import random
+import signal
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (build_dense, build_layer, common_args, forced_inputs,  # noqa: E402
+                               split_by_expert)
+
+
+class Timer:
+    """Device time between CUDA events on a GPU; on CPU the process's CPU time (or wall time).
+
+    CPU time does not count the time other processes hold the cores, which on a shared machine is most of the
+    noise of wall time; with one thread it is the work done.
+    """
+
+    def __init__(self, device, clock="cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
+
+    def __call__(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t = self.clock()
+        fn()
+        return self.clock() - t
+
+
+def step(module, inputs, grads):
+    """One forward and backward; gradients start from None as after optimizer.zero_grad()."""
+    module.zero_grad(set_to_none=True)
+    for x in inputs:
+        x.grad = None
+    outputs = module(*inputs)
+    torch.autograd.backward(outputs, grads)
+
+
+class Floor(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.experts = layer.experts
+
+    def forward(self, *chunks):
+        return [expert(c) for expert, c in zip(self.experts.experts.values(), chunks) if c.size(0) > 0]
+
+
+def case_steps(experts, tokens, dim, ffn_dim, sublayers, skewed, stages, device, dtype):
+    """name -> zero-argument callable running that variant's step."""
+    x, ids, target = forced_inputs(tokens, experts, dim, skewed, dtype=dtype, device=device)
+    grad = torch.randn_like(x)
+    steps, shared = {}, None
+    for stage in stages:
+        layer = build_layer(experts, dim, ffn_dim, sublayers, stage).to(device=device, dtype=dtype)
+        shared = layer.experts = shared or layer.experts  # both stages run the same experts
+        layer_x = x.clone().requires_grad_()
+        routed = layer.routing.decide(x.reshape(-1, dim), _token_view(ids, x.size(0)))
+        assert torch.equal(routed, target), "forced routing did not take"
+        steps[f"stage{stage}"] = _bind(step, _LayerCall(layer, ids), [layer_x], [grad])
+    floor_layer = layer
+    chunks = [c.requires_grad_() for c in split_by_expert(x, target, experts)]
+    floor_grads = [g for g in split_by_expert(grad, target, experts) if g.size(0) > 0]
+    steps["floor"] = _bind(step, Floor(floor_layer), chunks, floor_grads)
+    dense = build_dense(dim, ffn_dim, sublayers).to(device=device, dtype=dtype)
+    steps["dense"] = _bind(step, dense, [x.clone().requires_grad_()], [grad])
+    return steps
+
+
+def _token_view(ids, last):
+    from fairseq_stablemoe.moe.routing import TokenView
+    return TokenView(ids, last, None)
+
+
+class _LayerCall(torch.nn.Module):
+    def __init__(self, layer, ids):
+        super().__init__()
+        self.layer, self.ids = layer, ids
+
+    def forward(self, x):
+        return self.layer(x, self.ids)
+
+
+def _bind(fn, *args):
+    return lambda: fn(*args)
+
+
+def measure(steps, rounds, warmup, timer, seed=0):
+    """Per-variant times of each round; the variants run in a fresh random order every round."""
+    rng = random.Random(seed)
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    try:
+        for _ in range(rounds):
+            rng.shuffle(names)
+            for name in names:
+                times[name].append(timer(steps[name]))
+    except KeyboardInterrupt:  # stopped (Ctrl-C or SIGTERM): keep the complete rounds, then stop
+        done = min(len(t) for t in times.values())
+        if not done:
+            raise
+        times = {name: t[:done] for name, t in times.items()}
+        times["interrupted"] = True
+    return times
+
+
+def median_ratio(times, a, b):
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def main():
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped run still prints its complete rounds
+    p = common_args(__doc__)
+    p.add_argument("--pairs", type=int, default=9, help="interleaved rounds (medians of per-round ratios)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="on CPU: process CPU time or wall time")
+    p.add_argument("--quick", action="store_true",
+                   help="the acceptance sizes only: N 8/32, 8k tokens, d 512 (plus N 32 at 32k with --tokens)")
+    args = p.parse_args()
+    if args.quick:
+        args.experts, args.tokens, args.dims = [8, 32], [8192], [512]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    timer = Timer(device, args.clock)
+    clock = "CUDA events" if device.type == "cuda" else f"{args.clock} time"
+    print(f"# torch {torch.__version__}, {device.type}, {dtype}, {clock}, threads {torch.get_num_threads()}, "
+          f"{args.sublayers} sublayers, FFN {args.ffn_mult}d, {args.pairs} interleaved rounds, medians")
+    head = ("| N | tokens | d | routing | rounds | dense ms | floor/dense | S1/floor | S2/floor | S1/dense "
+            "| S2/dense | S2/S1 |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for dim in args.dims:
+        for tokens in args.tokens:
+            for experts in args.experts:
+                for routing in args.routing:
+                    if routing == "skewed" and experts == 1:
+                        continue
+                    steps = case_steps(experts, tokens, dim, args.ffn_mult * dim, args.sublayers,
+                                       routing == "skewed", args.stages, device, dtype)
+                    times = measure(steps, args.pairs, args.warmup, timer)
+                    interrupted = times.pop("interrupted", False)
+                    row = [experts, tokens, dim, routing, len(times["dense"]),
+                           f"{1e3 * statistics.median(times['dense']):.0f}",
+                           f"{median_ratio(times, 'floor', 'dense'):.3f}"]
+                    for ref in ("floor", "dense"):
+                        for stage in (1, 2):
+                            name = f"stage{stage}"
+                            row.append(f"{median_ratio(times, name, ref):.3f}" if name in times else "-")
+                    both = "stage1" in times and "stage2" in times
+                    row.append(f"{median_ratio(times, 'stage2', 'stage1'):.3f}" if both else "-")
+                    print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
+                    if interrupted:
+                        return
+                    del steps, times
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Peak memory of one forward+backward step of the MoE layer, against its parameters and the dense step.
+
+    python benchmarks/memory.py --experts 32 --tokens 8192 --dims 512
+
+Each measurement runs in a fresh process. On CPU it reads the resident set (VmRSS/VmHWM of /proc/self/status,
+the peak reset through /proc/self/clear_refs; resource.getrusage's maxrss where that is not allowed), with glibc's
+mmap threshold pinned so that freed tensors go back to the system. On a GPU it reads torch.cuda.max_memory_allocated.
+A step starts with gradients at None (as after optimizer.zero_grad()), so its peak includes the gradients it creates.
+
+Columns: params = the module's parameters; grads = the same size again; dense act = what the dense step holds on
+top of its parameters and gradients (its activations); layer step = the layer's peak above its parameters.
+Prints tables; passes no judgement.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import build_dense, build_layer, common_args, forced_inputs  # noqa: E402
+
+MB = 2 ** 20
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_one(variant, experts, tokens, dim, ffn_dim, sublayers, skewed, device):
+    """Bytes: the module's parameters, and its step's peak above the memory held before the step."""
+    cuda = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if variant == "dense":
+        module = build_dense(dim, ffn_dim, sublayers).to(device=device, dtype=dtype)
+    else:
+        module = build_layer(experts, dim, ffn_dim, sublayers, int(variant[-1])).to(device=device, dtype=dtype)
+    x, ids, _ = forced_inputs(tokens, experts, dim, skewed, dtype=dtype, device=device)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = module(x) if variant == "dense" else module(x, ids)
+        out.backward(grad)
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+
+    step()  # warm-up: one-time allocations of the libraries are not the layer's
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak, how = torch.cuda.max_memory_allocated(), "max_allocated"
+    elif _reset_peak():
+        base = _status_kb("VmRSS") * 1024
+        step()
+        peak, how = _status_kb("VmHWM") * 1024, "VmHWM"
+    else:
+        base = _status_kb("VmRSS") * 1024
+        step()
+        peak, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "maxrss"
+    return {"params": params, "step": peak - base, "how": how}
+
+
+def run_isolated(variant, args, experts, tokens, dim, skewed):
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", variant, "--experts", str(experts),
+           "--tokens", str(tokens), "--dims", str(dim), "--routing", "skewed" if skewed else "balanced",
+           "--sublayers", str(args.sublayers), "--ffn-mult", str(args.ffn_mult), "--threads", str(args.threads),
+           "--device", args.device]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    p = common_args(__doc__)
+    p.set_defaults(experts=[32], tokens=[8192], dims=[512], routing=["balanced"])
+    p.add_argument("--one", help=argparse_hidden())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(measure_one(args.one, args.experts[0], args.tokens[0], args.dims[0],
+                                     args.ffn_mult * args.dims[0], args.sublayers,
+                                     args.routing[0] == "skewed", args.device)))
+        return
+    print(f"# {args.device}, {args.sublayers} sublayers, FFN {args.ffn_mult}d; MB = 2^20 bytes")
+    head = ("| N | tokens | d | routing | stage | params MB | dense act MB | layer step MB | layer peak MB "
+            "| peak/(params+dense act) | peak/(params+grads+dense act) | how |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for dim in args.dims:
+        for tokens in args.tokens:
+            dense = run_isolated("dense", args, 1, tokens, dim, False)
+            dense_act = dense["step"] - dense["params"]  # its step holds its gradients and its activations
+            for experts in args.experts:
+                for routing in args.routing:
+                    for stage in args.stages:
+                        r = run_isolated(f"stage{stage}", args, experts, tokens, dim, routing == "skewed")
+                        peak = r["params"] + r["step"]
+                        row = [experts, tokens, dim, routing, stage, f"{r['params'] / MB:.0f}",
+                               f"{dense_act / MB:.0f}", f"{r['step'] / MB:.0f}", f"{peak / MB:.0f}",
+                               f"{peak / (r['params'] + dense_act):.2f}",
+                               f"{peak / (2 * r['params'] + dense_act):.2f}", r["how"]]
+                        print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

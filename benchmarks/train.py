@@ -1,0 +1,149 @@
+"""End-to-end fairseq-train words/s of stablemoe_lm (stage 1, stage 2, other routings) against a dense control.
+
+    python benchmarks/train.py --data ../shared/data/lm/sotu --repeats 3
+
+Every variant trains the same model shape on the same data and batches for --max-update updates; words/s is
+fairseq's own `wps` of its train_inner logs (the first interval, with start-up, is left out), the median of a run.
+Words per CPU-second counts the whole fairseq-train process (start-up included, the same for every variant):
+unlike wps it does not count the time other processes hold the cores. Runs are interleaved: each repeat runs every variant once, in a fresh random order, and a ratio is the median
+over repeats of the per-repeat ratio to the reference, so load from other processes cancels out.
+
+Variants (those whose routing this checkout lacks are listed as such):
+  stablemoe S1 / S2   --moe-routing stablemoe, kept in stage 1 (--stage1-updates > --max-update) or in stage 2
+                      from the first update (--stage1-updates 0: the frozen router's vocab->expert table routes)
+  dense               --moe-routing dense: one expert's FFN stack in the MoE slot, the FLOP-matched control
+  switch, base, hash  the baseline routings
+  transformer_lm      fairseq's own transformer_lm with the same blocks and no MoE slot: fewer FLOPs than the
+                      FLOP-matched control, shown as a stand-in reference only where `dense` is missing
+Prints tables; passes no judgement.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TINY_SHAPE = ["--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512", "--decoder-layers", "4",
+              "--decoder-attention-heads", "4", "--decoder-learned-pos", "--decoder-normalize-before",
+              "--share-decoder-input-output-embed", "--dropout", "0.0"]
+INNER = re.compile(r"train_inner \| (\{.*\})")
+
+
+def binarize(data, workdir, lines, vocab):
+    """The first `lines` lines of train/valid, binarized once into workdir."""
+    dest = os.path.join(workdir, f"bin-{lines}-{vocab}")
+    if os.path.exists(os.path.join(dest, "dict.txt")):
+        return dest
+    raw = os.path.join(workdir, f"raw-{lines}")
+    os.makedirs(raw, exist_ok=True)
+    for split in ("train", "valid"):
+        with open(os.path.join(data, f"{split}.txt")) as src, open(os.path.join(raw, f"{split}.txt"), "w") as dst:
+            for i, line in enumerate(src):
+                if i >= (lines if split == "train" else max(1, lines // 10)):
+                    break
+                dst.write(line)
+    subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", f"{raw}/train.txt", "--validpref",
+                    f"{raw}/valid.txt", "--destdir", dest, "--workers", "1", "--nwordssrc", str(vocab)],
+                   check=True, capture_output=True)
+    return dest
+
+
+def variants(args):
+    from fairseq_stablemoe.moe.routing import ROUTINGS
+
+    moe = ["--user-dir", os.path.join(ROOT, "fairseq_stablemoe"), "--task", "stablemoe_language_modeling",
+           "--arch", "stablemoe_lm_tiny", "--criterion", "stablemoe_cross_entropy",
+           "--moe-experts", str(args.experts), "--moe-sublayers", str(args.sublayers)] + TINY_SHAPE
+    late = str(10 * args.max_update)
+    out = {"stablemoe S1": moe + ["--moe-routing", "stablemoe", "--stage1-updates", late],
+           "stablemoe S2": moe + ["--moe-routing", "stablemoe", "--stage1-updates", "0"]}
+    for name in ["dense"] + [r for r in args.routings if r not in ("stablemoe", "dense")]:
+        out[name] = moe + ["--moe-routing", name] if name in ROUTINGS else None
+    if out["dense"] is None or args.stand_in:
+        out["transformer_lm (stand-in)"] = ["--user-dir", os.path.join(ROOT, "fairseq_stablemoe"), "--task",
+                                            "language_modeling", "--arch", "transformer_lm",
+                                            "--criterion", "cross_entropy"] + TINY_SHAPE
+    return out
+
+
+def train_wps(data, flags, args, save_dir):
+    cmd = ["fairseq-train", data, *flags, "--optimizer", "adam", "--lr", "5e-4", "--tokens-per-sample",
+           str(args.tokens_per_sample), "--batch-size", str(args.batch_size), "--max-update", str(args.max_update),
+           "--log-format", "json", "--log-interval", str(args.log_interval), "--cpu", "--seed", "1",
+           "--save-dir", save_dir, "--no-save", "--disable-validation", "--num-workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\n{run.stderr[-3000:]}")
+    logs = [json.loads(m.group(1)) for m in INNER.finditer(run.stdout + run.stderr)]
+    wps = [float(log["wps"]) for log in logs[1:]]  # the first interval holds the start-up
+    if not wps:
+        raise RuntimeError(f"no train_inner logs after the first: raise --max-update\n{run.stderr[-2000:]}")
+    words = args.max_update * args.batch_size * args.tokens_per_sample
+    return statistics.median(wps), words / cpu_s
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "lm", "sotu"),
+                   help="a folder with train.txt and valid.txt, one paragraph a line")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "stablemoe-bench-train"))
+    p.add_argument("--lines", type=int, default=4000, help="train lines to binarize")
+    p.add_argument("--vocab", type=int, default=16000, help="--nwordssrc of fairseq-preprocess")
+    p.add_argument("--routings", nargs="+", default=["stablemoe", "dense", "switch", "base", "hash"])
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--sublayers", type=int, default=2)
+    p.add_argument("--tokens-per-sample", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-update", type=int, default=30)
+    p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each fairseq-train")
+    p.add_argument("--stand-in", action="store_true", help="also run transformer_lm when dense exists")
+    args = p.parse_args()
+
+    os.makedirs(args.workdir, exist_ok=True)
+    data = binarize(args.data, args.workdir, args.lines, args.vocab)
+    runs = variants(args)
+    ready = [name for name, flags in runs.items() if flags is not None]
+    reference = "dense" if runs["dense"] is not None else "transformer_lm (stand-in)"
+    wps = {name: [] for name in ready}
+    per_cpu_s = {name: [] for name in ready}
+    rng = random.Random(0)
+    for _ in range(args.repeats):
+        rng.shuffle(ready)
+        for name in ready:
+            with tempfile.TemporaryDirectory() as save_dir:
+                wall, cpu = train_wps(data, runs[name], args, save_dir)
+            wps[name].append(wall)
+            per_cpu_s[name].append(cpu)
+            print(f"# {name}: {wall:.0f} words/s, {cpu:.0f} words per CPU-second", file=sys.stderr, flush=True)
+    print(f"# fairseq-train, stablemoe_lm_tiny shape (4 x 128/512), {args.experts} experts x {args.sublayers} "
+          f"sublayers, {args.batch_size} x {args.tokens_per_sample} tokens a batch, {args.max_update} updates, "
+          f"{args.threads} thread(s), {args.repeats} interleaved repeats; reference: {reference}")
+    print(f"| variant | words/s (fairseq wps) | ÷ {reference} | words per CPU-second (whole run) | ÷ {reference} |")
+    print("|---|---|---|---|---|")
+    for name, flags in runs.items():
+        if flags is None:
+            print(f"| {name} | not in this checkout's --moe-routing choices | - | - | - |")
+            continue
+        row = [name]
+        for table in (wps, per_cpu_s):
+            row.append(f"{statistics.median(table[name]):.0f}")
+            row.append(f"{statistics.median(a / b for a, b in zip(table[name], table[reference])):.3f}")
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
