@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${DEMO_DIR:-demo}
-UPDATES=${DEMO_UPDATES:-600}
+UPDATES=${DEMO_UPDATES:-500}
 STAGE1=$((UPDATES / 10))  # the paper's 10 %
 mkdir -p "$OUT"
 
