@@ -56,6 +56,13 @@ class MoEAuxLossMixin:
                 raise ValueError(f"{flag} must be >= 0 (got {factor}); 0 switches the {name} loss off")
         self.aux_factors = dict(factors)
 
+    def sample_size_and_log(self, sample):
+        """fairseq's sample size (sentences or tokens) and the logging output every criterion starts from."""
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        return sample_size, {
+            "ntokens": sample["ntokens"], "nsentences": sample["target"].size(0), "sample_size": sample_size,
+        }
+
     def add_moe_losses(self, model, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
         aux = collect_moe_aux(model)
         loss = task_loss

@@ -23,12 +23,7 @@ class StableMoECrossEntropyCriterion(MoEAuxLossMixin, CrossEntropyCriterion):
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
         nll_loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-        }
+        sample_size, logging_output = self.sample_size_and_log(sample)
         loss = self.add_moe_losses(model, nll_loss, logging_output)
         return loss, sample_size, logging_output
 

@@ -37,12 +37,7 @@ class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothed
                 record_routing(model)
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-        }
+        sample_size, logging_output = self.sample_size_and_log(sample)
         loss = self.add_moe_losses(model, loss, logging_output)
         logging_output["nll_loss"] = nll_loss.data
         if self.report_accuracy:
