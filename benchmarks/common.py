@@ -102,3 +102,9 @@ def common_args(description):
                    help="torch CPU threads (default 1: on a shared machine one thread gives steadier ratios)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
+
+
+def print_table_header(columns: str):
+    """A markdown table's header row and its separator."""
+    print(columns)
+    print("|" + "---|" * (columns.count("|") - 1))

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (build_dense, build_layer, common_args, forced_inputs,  # noqa: E402
+from benchmarks.common import (build_dense, build_layer, common_args, forced_inputs, print_table_header,  # noqa: E402
                                split_by_expert)
 
 
@@ -151,8 +151,7 @@ def main():
           f"{args.sublayers} sublayers, FFN {args.ffn_mult}d, {args.pairs} interleaved rounds, medians")
     head = ("| N | tokens | d | routing | rounds | dense ms | floor/dense | S1/floor | S2/floor | S1/dense "
             "| S2/dense | S2/S1 |")
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+    print_table_header(head)
     for dim in args.dims:
         for tokens in args.tokens:
             for experts in args.experts:

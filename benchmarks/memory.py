@@ -21,7 +21,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import build_dense, build_layer, common_args, forced_inputs  # noqa: E402
+from benchmarks.common import (build_dense, build_layer, common_args, forced_inputs,  # noqa: E402
+                               print_table_header)
 
 MB = 2 ** 20
 
@@ -106,8 +107,7 @@ def main():
     print(f"# {args.device}, {args.sublayers} sublayers, FFN {args.ffn_mult}d; MB = 2^20 bytes")
     head = ("| N | tokens | d | routing | stage | params MB | dense act MB | layer step MB | layer peak MB "
             "| peak/(params+dense act) | peak/(params+grads+dense act) | how |")
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+    print_table_header(head)
     for dim in args.dims:
         for tokens in args.tokens:
             dense = run_isolated("dense", args, 1, tokens, dim, False)

@@ -43,8 +43,9 @@ def place_moe_layers(layers: nn.ModuleList, moe_layers: List[MoELayer], position
 def check_token_ids(tokens: torch.Tensor, vocab_size: int):
     """Before the embedding sees them: an id past the table is a bare IndexError on CPU and a device-side
     assert on GPU; routers index tables of the same size."""
-    if tokens.numel() and (tokens.max() >= vocab_size or tokens.min() < 0):
-        bad = tokens[(tokens >= vocab_size) | (tokens < 0)][0]
+    outside = (tokens >= vocab_size) | (tokens < 0)
+    if outside.any():  # one host sync per stack forward
+        bad = tokens[outside][0]
         raise ValueError(
             f"token id {int(bad)} is outside the model's dictionary (0..{vocab_size - 1}): the data was binarized "
             f"with another dictionary than the model's; binarize it with the model's dict.txt "
