@@ -13,7 +13,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1; see the header of $0" >&2; exit 2 ;;
   esac
 done
-for entry in table2 fig4 fig2 table5 table4 table6; do
+for entry in table2 fig4 fig2 table5 table4 table6 investigate; do
   python "$HERE/$entry.py" "${LM[@]}" "${COMMON[@]}"
 done
 python "$HERE/table3.py" "${MT[@]}" "${COMMON[@]}"
