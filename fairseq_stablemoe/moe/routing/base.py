@@ -14,6 +14,7 @@ class Routing:
     gate: Optional[torch.Tensor]  # (n,) weight of the expert's output; None = hard {0,1} gate
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)  # token sums, weighted by the criterion
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)  # token sums, for logging
+    counts: Optional[torch.Tensor] = None  # (N,) this rank's tokens per expert, if the routing counted them
 
 
 class TokenView:
@@ -43,7 +44,41 @@ def affinities(h: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
         return torch.nan_to_num(F.linear(h.float(), centroids.float()), nan=0.0)
 
 
+class _ChosenAffinity(torch.autograd.Function):
+    """s_{t,e_t} = E_{e_t}ᵀ h_t for one expert per token: O(n·d) instead of the n×N affinities.
+
+    Saves h, E and e for backward rather than the gathered n×d rows E_{e_t}, which autograd would keep.
+    """
+
+    @staticmethod
+    def forward(ctx, h, centroids, expert):
+        ctx.save_for_backward(h, centroids, expert)
+        return torch.linalg.vecdot(h, centroids.index_select(0, expert))
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, centroids, expert = ctx.saved_tensors
+        grad_h = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_h = grad.unsqueeze(1) * centroids.index_select(0, expert)
+        if ctx.needs_input_grad[1]:
+            grad_c = torch.zeros_like(centroids).index_add_(0, expert, grad.unsqueeze(1) * h)
+        return grad_h, grad_c, None
+
+
+def chosen_affinity(h: torch.Tensor, centroids: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """affinities(h, centroids)[t, expert[t]] with the same float32 and finiteness rules, without the others."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return torch.nan_to_num(_ChosenAffinity.apply(h.float(), centroids.float(), expert), nan=0.0)
+
+
 def expert_load(expert: torch.Tensor, num_experts: int, global_: bool) -> torch.Tensor:
     """|A_i|: tokens per expert, summed over all ranks when `global_` (training)."""
     counts = torch.bincount(expert, minlength=num_experts)
     return all_reduce_sum(counts) if global_ else counts
+
+
+def load_and_counts(expert: torch.Tensor, num_experts: int, global_: bool):
+    """(expert_load, this rank's counts): the layer splits its tokens by the counts, so it need not count again."""
+    counts = torch.bincount(expert, minlength=num_experts)
+    return (all_reduce_sum(counts.clone()) if global_ else counts), counts
