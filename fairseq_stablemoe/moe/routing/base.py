@@ -74,8 +74,7 @@ def chosen_affinity(h: torch.Tensor, centroids: torch.Tensor, expert: torch.Tens
 
 def expert_load(expert: torch.Tensor, num_experts: int, global_: bool) -> torch.Tensor:
     """|A_i|: tokens per expert, summed over all ranks when `global_` (training)."""
-    counts = torch.bincount(expert, minlength=num_experts)
-    return all_reduce_sum(counts) if global_ else counts
+    return load_and_counts(expert, num_experts, global_)[0]
 
 
 def load_and_counts(expert: torch.Tensor, num_experts: int, global_: bool):
