@@ -45,31 +45,37 @@ def affinities(h: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 class _ChosenAffinity(torch.autograd.Function):
-    """s_{t,e_t} = E_{e_t}ᵀ h_t for one expert per token: O(n·d) instead of the n×N affinities.
+    """(s_{t,e_t}, s) for one expert e_t per token, differentiable through s_{t,e_t} only.
 
-    Saves h, E and e for backward rather than the gathered n×d rows E_{e_t}, which autograd would keep.
+    The forward's n×N product costs what n gathered dot products cost (on CPU the gather is memory-bound, the
+    product is not), and the caller's statistics need all of s anyway. The backward is the gain: O(n·d) gathers
+    in place of two n×N×d products with a mostly-zero n×N gradient, and nothing n×N is kept for it.
     """
 
     @staticmethod
     def forward(ctx, h, centroids, expert):
         ctx.save_for_backward(h, centroids, expert)
-        return torch.linalg.vecdot(h, centroids.index_select(0, expert))
+        s = F.linear(h, centroids)
+        ctx.mark_non_differentiable(s)
+        return s.gather(1, expert[:, None]).squeeze(1), s
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         h, centroids, expert = ctx.saved_tensors
         grad_h = grad_c = None
         if ctx.needs_input_grad[0]:
-            grad_h = grad.unsqueeze(1) * centroids.index_select(0, expert)
+            grad_h = centroids.index_select(0, expert).mul_(grad.unsqueeze(1))
         if ctx.needs_input_grad[1]:
-            grad_c = torch.zeros_like(centroids).index_add_(0, expert, grad.unsqueeze(1) * h)
+            grad_c = torch.zeros_like(centroids).index_add_(0, expert, h * grad.unsqueeze(1))
         return grad_h, grad_c, None
 
 
-def chosen_affinity(h: torch.Tensor, centroids: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-    """affinities(h, centroids)[t, expert[t]] with the same float32 and finiteness rules, without the others."""
+def chosen_affinity(h: torch.Tensor, centroids: torch.Tensor, expert: torch.Tensor):
+    """(affinities(h, centroids)[t, expert[t]], affinities(h, centroids) without gradient): the same float32 and
+    finiteness rules, and the backward of the chosen entries only."""
     with torch.autocast(device_type=h.device.type, enabled=False):
-        return torch.nan_to_num(_ChosenAffinity.apply(h.float(), centroids.float(), expert), nan=0.0)
+        chosen, s = _ChosenAffinity.apply(h.float(), centroids.float(), expert)
+        return torch.nan_to_num(chosen, nan=0.0), torch.nan_to_num(s, nan=0.0)
 
 
 def expert_load(expert: torch.Tensor, num_experts: int, global_: bool) -> torch.Tensor:

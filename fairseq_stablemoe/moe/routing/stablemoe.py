@@ -91,9 +91,9 @@ class StableMoERouting(nn.Module):
                 counts=counts,
             )
         a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))  # (12, 13)
-        # (14) needs s_{t,â_t} only: one dot product per token, not the n×N affinities (5) and their backward
-        gate = torch.sigmoid(chosen_affinity(h, self.centroids, a_hat))  # (14)
-        with torch.no_grad():  # logged only: how often the frozen router still picks the backbone's (6)
-            agree = (a_hat == affinities(h, self.centroids).argmax(-1)).sum()
+        # (14) differentiates s_{t,â_t} only: no n×N gradient of the affinities (5) and its two products
+        s_chosen, s = chosen_affinity(h, self.centroids, a_hat)
+        gate = torch.sigmoid(s_chosen)  # (14)
+        agree = (a_hat == s.argmax(-1)).sum()  # logged: how often the frozen router still picks (6)'s expert
         load, counts = load_and_counts(a_hat, self.num_experts, global_=self.training)
         return Routing(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree}, counts=counts)
