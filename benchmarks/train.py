@@ -6,7 +6,8 @@ Every variant trains the same model shape on the same data and batches for --max
 fairseq's own `wps` of its train_inner logs (the first interval, with start-up, is left out), the median of a run.
 Words per CPU-second counts the whole fairseq-train process (start-up included, the same for every variant):
 unlike wps it does not count the time other processes hold the cores. Runs are interleaved: each repeat runs
-every variant once, in a fresh random order, and a ratio is the median over repeats of the per-repeat ratio to the reference, so load from other processes cancels out.
+every variant once, in a fresh random order, and a ratio is the median over repeats of the per-repeat ratio to
+the reference, so load from other processes cancels out.
 
 Variants (those whose routing this checkout lacks are listed as such):
   stablemoe S1 / S2   --moe-routing stablemoe, kept in stage 1 (--stage1-updates > --max-update) or in stage 2
