@@ -44,12 +44,17 @@ def affinities(h: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
         return torch.nan_to_num(F.linear(h.float(), centroids.float()), nan=0.0)
 
 
+GATHER_FROM_EXPERTS = 16  # see _ChosenAffinity.backward
+
+
 class _ChosenAffinity(torch.autograd.Function):
     """(s_{t,e_t}, s) for one expert e_t per token, differentiable through s_{t,e_t} only.
 
     The forward's n×N product costs what n gathered dot products cost (on CPU the gather is memory-bound, the
-    product is not), and the caller's statistics need all of s anyway. The backward is the gain: O(n·d) gathers
-    in place of two n×N×d products with a mostly-zero n×N gradient, and nothing n×N is kept for it.
+    product is not), and the caller's statistics need all of s anyway. The backward with many experts is the gain:
+    O(n·d) gathers in place of two n×N×d products with a mostly-zero n×N gradient. With few experts those products
+    are cheaper than the gathers' extra passes over n×d memory (benchmarks/routing.py on CPU: the gathers lose at
+    N 1 and 8, win from N 32), so there the backward is autograd's, on the mostly-zero gradient.
     """
 
     @staticmethod
@@ -62,11 +67,12 @@ class _ChosenAffinity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _):
         h, centroids, expert = ctx.saved_tensors
-        grad_h = grad_c = None
-        if ctx.needs_input_grad[0]:
-            grad_h = centroids.index_select(0, expert).mul_(grad.unsqueeze(1))
-        if ctx.needs_input_grad[1]:
-            grad_c = torch.zeros_like(centroids).index_add_(0, expert, h * grad.unsqueeze(1))
+        need_h, need_c = ctx.needs_input_grad[:2]
+        if centroids.size(0) < GATHER_FROM_EXPERTS:
+            grad_s = grad.new_zeros(h.size(0), centroids.size(0)).scatter_(1, expert[:, None], grad[:, None])
+            return grad_s @ centroids if need_h else None, grad_s.t() @ h if need_c else None, None
+        grad_h = centroids.index_select(0, expert).mul_(grad.unsqueeze(1)) if need_h else None
+        grad_c = torch.zeros_like(centroids).index_add_(0, expert, h * grad.unsqueeze(1)) if need_c else None
         return grad_h, grad_c, None
 
 
