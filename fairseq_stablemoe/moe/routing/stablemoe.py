@@ -91,7 +91,7 @@ class StableMoERouting(nn.Module):
                 counts=counts,
             )
         a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))  # (12, 13)
-        # (14) differentiates s_{t,â_t} only: no n×N gradient of the affinities (5) and its two products
+        # (14) differentiates s_{t,â_t} only; s (5) comes without autograd, for the logged agreement
         s_chosen, s = chosen_affinity(h, self.centroids, a_hat)
         gate = torch.sigmoid(s_chosen)  # (14)
         agree = (a_hat == s.argmax(-1)).sum()  # logged: how often the frozen router still picks (6)'s expert
