@@ -4,11 +4,13 @@ import argparse
 import sentencepiece as spm
 
 
-def train(inputs, model_prefix, vocab_size, model_type="bpe"):
+def train(inputs, model_prefix, vocab_size, model_type="bpe", **options):
+    """options: further SentencePieceTrainer flags, e.g. hard_vocab_limit=False for a corpus too small for the size."""
     spm.SentencePieceTrainer.train(
         input=",".join(inputs), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
         character_coverage=1.0, input_sentence_size=2_000_000, shuffle_input_sentence=True,
         bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2,  # fairseq adds its own specials
+        **options,
     )
 
 

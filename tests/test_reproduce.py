@@ -1,0 +1,107 @@
+"""examples/reproduce: the paper-scale configs say what Tables 7 and 8 say, and the --quick entry points run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, write_corpus, write_parallel_corpus
+
+REPRODUCE = os.path.join(ROOT, "examples", "reproduce")
+sys.path.insert(0, REPRODUCE)
+
+
+def paper_scale_args(script, **env):
+    name, *size = script.split()
+    out = subprocess.run(["bash", os.path.join(REPRODUCE, "paper_scale", name), *size, "DATA", "SAVE"],
+                         env=dict(os.environ, PRINT="1", **env), capture_output=True, text=True, check=True).stdout
+    from fairseq import options
+
+    argv = out.strip("\n").split("\n")
+    parser = options.get_training_parser()
+    return options.parse_args_and_arch(parser, argv)
+
+
+@pytest.mark.parametrize("script, experts, sublayers, dim, ffn, heads, blocks, lr, gpus", [
+    ("lm.sh base", 32, 3, 768, 3072, 12, 12, 6e-4, 32),
+    ("lm.sh large", 64, 6, 1024, 4096, 16, 24, 3e-4, 64),
+])
+def test_lm_paper_scale_is_table_7(script, experts, sublayers, dim, ffn, heads, blocks, lr, gpus):
+    a = paper_scale_args(script)
+    assert (a.moe_experts, a.moe_layers, a.moe_sublayers) == (experts, 1, sublayers)
+    assert (a.decoder_embed_dim, a.decoder_ffn_embed_dim, a.decoder_attention_heads, a.decoder_layers) == \
+        (dim, ffn, heads, blocks)
+    assert a.tokens_per_sample == 1024 and a.batch_size * a.tokens_per_sample * a.update_freq[0] * gpus == 524288
+    assert a.distributed_world_size == gpus
+    assert (a.lr[0], a.adam_betas, a.clip_norm, a.dropout, a.attention_dropout) == (lr, "(0.9, 0.98)", 0.1, 0, 0)
+    assert (a.lr_scheduler, a.power, a.warmup_updates, a.max_update) == ("polynomial_decay", 1, 2000, 60000)
+    assert (a.stage1_updates, a.balance_factor, a.distilled_dim, a.distilled_router) == (6000, 0.3, 50, "wordemb")
+    assert a.decoder_learned_pos and a.decoder_normalize_before and a.share_decoder_input_output_embed
+
+
+def test_mt_paper_scale_is_table_8():
+    a = paper_scale_args("mt_wmt.sh")
+    assert (a.moe_experts, a.encoder_moe_layers, a.decoder_moe_layers, a.moe_sublayers) == (32, 1, 1, 3)
+    assert (a.encoder_layers, a.decoder_layers, a.encoder_embed_dim, a.encoder_ffn_embed_dim,
+            a.encoder_attention_heads) == (6, 6, 512, 2048, 8)
+    assert a.max_tokens * a.update_freq[0] * a.distributed_world_size == 524288
+    assert (a.max_source_positions, a.lr[0], a.lr_scheduler, a.warmup_updates, a.max_update) == \
+        (256, 5e-4, "inverse_sqrt", 4000, 352000)
+    assert (a.dropout, a.attention_dropout, a.label_smoothing, a.clip_norm) == (0.1, 0, 0.1, 0.1)
+    assert (a.stage1_updates, a.balance_factor) == (30000, 0.3)
+
+
+def test_training_curve_keeps_the_resumed_attempt():
+    from lm import training_curve
+
+    def inner(update, wall):
+        return f'x | INFO | train_inner | {{"num_updates": "{update}", "train_wall": "{wall}"}}'
+
+    def valid(update, ppl):
+        return f'x | INFO | valid1 | {{"valid1_ppl": "{ppl}", "valid1_num_updates": "{update}"}}'
+
+    log = "\n".join([inner(10, 5), valid(10, 90), inner(20, 6), valid(20, 80),  # killed after update 20
+                     inner(20, 7), valid(20, 70), inner(30, 4), valid(30, 60)])  # resumed from update 10
+    assert training_curve(log) == [{"update": 10, "train_seconds": 5.0, "ppl": 90.0},
+                                   {"update": 20, "train_seconds": 12.0, "ppl": 70.0},
+                                   {"update": 30, "train_seconds": 16.0, "ppl": 60.0}]
+
+
+def run_entry(script, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(REPRODUCE, script), "--quick", *map(str, args)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table_rows(path):
+    return [line for line in open(path).read().splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_quick_lm_ablation_trains_scores_and_resumes(tmp_path):
+    data = write_corpus(str(tmp_path / "text"), lines=(300, 40, 40))
+    run_entry("table5.py", "--data", data, "--out", tmp_path / "out")
+    rows = table_rows(tmp_path / "out" / "quick" / "table5.md")
+    assert len(rows) == 4
+    for row in rows:
+        valid, test = (float(cell) for cell in row.split("|")[2:4])
+        assert 1 < valid < 1000 and 1 < test < 1000
+    again = run_entry("table5.py", "--data", data, "--out", tmp_path / "out")
+    assert "training " not in again  # every run's result is reused
+
+
+def test_quick_translation_table(tmp_path):
+    data = tmp_path / "mt"
+    write_parallel_corpus(str(data), sizes=(("train", 200), ("valid", 10), ("test", 10)))
+    run_entry("table3.py", "--data", data, "--out", tmp_path / "out")
+    rows = table_rows(tmp_path / "out" / "quick" / "table3.md")
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "Standard Transformer", "Larger Transformer", "Switch Transformer", "BASE Layer", "Hash Layer", "StableMoE"]
+
+
+def test_missing_data_names_the_flag(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(REPRODUCE, "table3.py"), "--quick", "--data",
+                           str(tmp_path), "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--data" in proc.stderr and "xx-en/" in proc.stderr
