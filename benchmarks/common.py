@@ -1,5 +1,10 @@
 """What the benchmarks share: building an MoE layer, its FLOP-matched dense FFN, its floor, and forced routing."""
 import argparse
+import random
+import resource
+import statistics
+import subprocess
+
 import torch
 import torch.nn as nn
 
@@ -108,3 +113,36 @@ def print_table_header(columns: str):
     """A markdown table's header row and its separator."""
     print(columns)
     print("|" + "---|" * (columns.count("|") - 1))
+
+
+def run_counting_cpu(cmd, env):
+    """Run a command to its end; its stdout+stderr and the CPU seconds (user + system) it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\n{run.stderr[-3000:]}")
+    return run.stdout + run.stderr, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def interleaved(names, repeats, run, seed=0):
+    """name -> [run(name) of each repeat]: every repeat runs every name once, in a fresh random order, so load
+    from other processes falls on all of them alike."""
+    names, rng = list(names), random.Random(seed)
+    results = {name: [] for name in names}
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for name in names:
+            results[name].append(run(name))
+    return results
+
+
+def print_ratio_rows(names, tables, reference):
+    """One markdown row per name: for each table (name -> per-repeat figures), the median and the median over
+    repeats of the per-repeat ratio to the reference."""
+    for name in names:
+        row = [name]
+        for table in tables:
+            row.append(f"{statistics.median(table[name]):.0f}")
+            row.append(f"{statistics.median(a / b for a, b in zip(table[name], table[reference])):.3f}")
+        print("| " + " | ".join(row) + " |")

@@ -5,8 +5,9 @@
 Every variant trains the same model shape on the same data and batches for --max-update updates; words/s is
 fairseq's own `wps` of its train_inner logs (the first interval, with start-up, is left out), the median of a run.
 Words per CPU-second counts the whole fairseq-train process (start-up included, the same for every variant):
-unlike wps it does not count the time other processes hold the cores. Runs are interleaved: each repeat runs every variant once, in a fresh random order, and a ratio is the median
-over repeats of the per-repeat ratio to the reference, so load from other processes cancels out.
+unlike wps it does not count the time other processes hold the cores. Runs are interleaved: each repeat runs
+every variant once, in a fresh random order, and a ratio is the median over repeats of the per-repeat ratio to
+the reference, so load from other processes cancels out.
 
 Variants (those whose routing this checkout lacks are listed as such):
   stablemoe S1 / S2   --moe-routing stablemoe, kept in stage 1 (--stage1-updates > --max-update) or in stage 2
@@ -20,9 +21,7 @@ Prints tables; passes no judgement.
 import argparse
 import json
 import os
-import random
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import interleaved, print_ratio_rows, run_counting_cpu  # noqa: E402
 
 TINY_SHAPE = ["--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512", "--decoder-layers", "4",
               "--decoder-attention-heads", "4", "--decoder-learned-pos", "--decoder-normalize-before",
@@ -80,16 +80,11 @@ def train_wps(data, flags, args, save_dir):
            "--log-format", "json", "--log-interval", str(args.log_interval), "--cpu", "--seed", "1",
            "--save-dir", save_dir, "--no-save", "--disable-validation", "--num-workers", "0"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    if run.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}\n{run.stderr[-3000:]}")
-    logs = [json.loads(m.group(1)) for m in INNER.finditer(run.stdout + run.stderr)]
+    output, cpu_s = run_counting_cpu(cmd, env)
+    logs = [json.loads(m.group(1)) for m in INNER.finditer(output)]
     wps = [float(log["wps"]) for log in logs[1:]]  # the first interval holds the start-up
     if not wps:
-        raise RuntimeError(f"no train_inner logs after the first: raise --max-update\n{run.stderr[-2000:]}")
+        raise RuntimeError(f"no train_inner logs after the first: raise --max-update\n{output[-2000:]}")
     words = args.max_update * args.batch_size * args.tokens_per_sample
     return statistics.median(wps), words / cpu_s
 
@@ -118,17 +113,16 @@ def main():
     runs = variants(args)
     ready = [name for name, flags in runs.items() if flags is not None]
     reference = "dense" if runs["dense"] is not None else "transformer_lm (stand-in)"
-    wps = {name: [] for name in ready}
-    per_cpu_s = {name: [] for name in ready}
-    rng = random.Random(0)
-    for _ in range(args.repeats):
-        rng.shuffle(ready)
-        for name in ready:
-            with tempfile.TemporaryDirectory() as save_dir:
-                wall, cpu = train_wps(data, runs[name], args, save_dir)
-            wps[name].append(wall)
-            per_cpu_s[name].append(cpu)
-            print(f"# {name}: {wall:.0f} words/s, {cpu:.0f} words per CPU-second", file=sys.stderr, flush=True)
+
+    def run(name):
+        with tempfile.TemporaryDirectory() as save_dir:
+            wall, cpu = train_wps(data, runs[name], args, save_dir)
+        print(f"# {name}: {wall:.0f} words/s, {cpu:.0f} words per CPU-second", file=sys.stderr, flush=True)
+        return wall, cpu
+
+    results = interleaved(ready, args.repeats, run)
+    wps = {name: [r[0] for r in rs] for name, rs in results.items()}
+    per_cpu_s = {name: [r[1] for r in rs] for name, rs in results.items()}
     print(f"# fairseq-train, stablemoe_lm_tiny shape (4 x 128/512), {args.experts} experts x {args.sublayers} "
           f"sublayers, {args.batch_size} x {args.tokens_per_sample} tokens a batch, {args.max_update} updates, "
           f"{args.threads} thread(s), {args.repeats} interleaved repeats; reference: {reference}")
@@ -137,12 +131,7 @@ def main():
     for name, flags in runs.items():
         if flags is None:
             print(f"| {name} | not in this checkout's --moe-routing choices | - | - | - |")
-            continue
-        row = [name]
-        for table in (wps, per_cpu_s):
-            row.append(f"{statistics.median(table[name]):.0f}")
-            row.append(f"{statistics.median(a / b for a, b in zip(table[name], table[reference])):.3f}")
-        print("| " + " | ".join(row) + " |")
+    print_ratio_rows(ready, (wps, per_cpu_s), reference)
 
 
 if __name__ == "__main__":

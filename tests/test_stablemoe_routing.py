@@ -7,6 +7,7 @@ import torch
 from fairseq_stablemoe.moe import Experts, MoELayer
 from fairseq_stablemoe.moe.distilled_router import WordEmbeddingRouter
 from fairseq_stablemoe.moe.routing import TokenView, affinities
+from fairseq_stablemoe.moe.routing.base import GATHER_FROM_EXPERTS
 from fairseq_stablemoe.moe.routing.stablemoe import StableMoERouting, balance_loss
 
 PAD = 1
@@ -121,6 +122,35 @@ def test_stage2_routes_by_frozen_router_and_gate_uses_backbone_score():
     out.sum().backward()
     assert all(p.grad is None for p in router.parameters())  # frozen: no gradient at all
     assert layer.routing.centroids.grad is not None  # the gate σ(E·h) keeps learning (Eq. 14)
+
+
+@pytest.mark.parametrize("experts", [3, GATHER_FROM_EXPERTS])  # both backward paths
+def test_stage2_gate_and_its_gradients_equal_the_full_affinity_formula(experts):
+    """Stage 2 differentiates only s_{t,â_t}; gate, dL/dh and dL/dE must be those of σ(gather(E·h)) (Eq. 14)."""
+    routing = StableMoERouting(3, experts, WordEmbeddingRouter(10, experts, 2, PAD), stage1_updates=0)
+    routing.enter_stage2()
+    routing.distilled_router.table.copy_(torch.tensor([0, 0, 2, 1, 0, 2, 1, 1, 0, 2]))
+    with torch.no_grad():
+        routing.centroids[:3] = torch.tensor([[0.5, -1.0, 0.0], [0.2, 0.3, 2.0], [-0.4, 0.1, 0.7]])
+    tokens = torch.tensor([[2, 3, 4, 5, 2]])  # -> experts 2, 1, 0, 2, 2: expert 2 gets three tokens
+    h = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.5], [1.0, 1.0, 1.0], [-2.0, 0.5, 0.0], [0.3, -0.2, 0.1]],
+                     requires_grad=True)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.5])  # a loss that weighs every gate differently
+
+    out = routing.train()(h, TokenView(tokens, 5, None))
+    assert out.expert.tolist() == [2, 1, 0, 2, 2]
+    (weights * out.gate).sum().backward()
+    h_ref = h.detach().clone().requires_grad_()
+    centroids_ref = routing.centroids.detach().clone().requires_grad_()
+    gate_ref = torch.sigmoid((h_ref @ centroids_ref.t()).gather(1, out.expert[:, None]).squeeze(1))
+    (weights * gate_ref).sum().backward()
+    assert torch.allclose(out.gate, gate_ref, atol=1e-6)
+    assert torch.allclose(h.grad, h_ref.grad, atol=1e-6)
+    assert torch.allclose(routing.centroids.grad, centroids_ref.grad, atol=1e-6)
+    assert h_ref.grad.abs().sum(1).gt(0).all() and centroids_ref.grad[:3].abs().sum(1).gt(0).all()  # not all 0
+    # the logged agreement counts tokens whose frozen-router expert is the backbone's argmax (Eq. 6)
+    assert out.stats["distill_agree"].item() == int((h_ref @ centroids_ref.t()).argmax(-1).eq(out.expert).sum())
+    assert out.counts.tolist() == [1, 1, 3] + [0] * (experts - 3) and not out.stats["distill_agree"].requires_grad
 
 
 def test_inference_routes_with_distilled_router_even_in_stage1():

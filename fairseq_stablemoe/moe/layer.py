@@ -91,15 +91,16 @@ class MoELayer(nn.Module):
             raise RuntimeError("MoELayer needs the token ids: the model sets them before each forward")
         seq_len, _, dim = x.shape
         flat = x.reshape(-1, dim)
-        pad = tokens[:, -seq_len:].t().reshape(-1).eq(self.padding_idx)
-        index = pad.logical_not().nonzero().squeeze(1) if pad.any() else None
+        index = tokens[:, -seq_len:].t().reshape(-1).ne(self.padding_idx).nonzero().squeeze(1)
+        if index.numel() == flat.size(0):  # nonzero() already synchronised, so this test is free
+            index = None
         h = flat if index is None else flat[index]
         return flat, h, TokenView(tokens, seq_len, index)
 
     def _compute(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
         expert = routing.expert
         expert_sorted, order = torch.sort(expert, stable=True)
-        counts = torch.bincount(expert, minlength=self.num_experts)
+        counts = routing.counts if routing.counts is not None else torch.bincount(expert, minlength=self.num_experts)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         dropped = counts.new_zeros(())
         if factor > 0:

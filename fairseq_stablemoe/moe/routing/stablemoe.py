@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distilled_router import DISTILLED_ROUTERS, DistilledRouter
-from .base import Routing, TokenView, affinities, expert_load
+from .base import Routing, TokenView, affinities, chosen_affinity, expert_load, load_and_counts
 from .base_layer import balanced_assignment
 
 
@@ -75,12 +75,11 @@ class StableMoERouting(nn.Module):
         return balanced_assignment(s) if self.balanced_stage1 else s.detach().argmax(-1)  # (6)
 
     def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
-        s = affinities(h, self.centroids)  # (5), differentiable only through the gate below
-        backbone_choice = s.detach().argmax(-1)  # (6)
         if self.training and not self.in_stage2:
+            s = affinities(h, self.centroids)  # (5), differentiable only through the gate below
             a = self.stage1_assignment(s)  # (6)
             gate = torch.sigmoid(s.gather(1, a[:, None]).squeeze(1))  # (7)
-            load = expert_load(a, self.num_experts, global_=True)
+            load, counts = load_and_counts(a, self.num_experts, global_=True)
             losses = {} if self.balanced_stage1 else {"balance": balance_loss(load, a, gate)}  # (8)
             s_hat = tokens.select(self.distilled_router(tokens.tokens, tokens.last))  # (9)
             losses["distill"] = F.cross_entropy(s_hat, a, reduction="sum")  # (10)
@@ -89,12 +88,12 @@ class StableMoERouting(nn.Module):
                 gate=gate,
                 losses=losses,
                 stats={"load": load, "distill_agree": (s_hat.detach().argmax(-1) == a).sum()},
+                counts=counts,
             )
         a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))  # (12, 13)
-        gate = torch.sigmoid(s.gather(1, a_hat[:, None]).squeeze(1))  # (14)
-        load = expert_load(a_hat, self.num_experts, global_=self.training)
-        return Routing(
-            expert=a_hat,
-            gate=gate,
-            stats={"load": load, "distill_agree": (a_hat == backbone_choice).sum()},
-        )
+        # (14) differentiates s_{t,â_t} only; s (5) comes without autograd, for the logged agreement
+        s_chosen, s = chosen_affinity(h, self.centroids, a_hat)
+        gate = torch.sigmoid(s_chosen)  # (14)
+        agree = (a_hat == s.argmax(-1)).sum()  # logged: how often the frozen router still picks (6)'s expert
+        load, counts = load_and_counts(a_hat, self.num_experts, global_=self.training)
+        return Routing(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree}, counts=counts)
