@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,15 @@ def parser(doc: str, default_data: str) -> argparse.ArgumentParser:
                    help="results folder; runs are shared between entry points that use the same --out")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time, one CPU thread each")
     return p
+
+
+def slug(name: str) -> str:
+    """A row name as a folder name: "BASE Layer" -> "base-layer"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
 def out_dir(args) -> str:

@@ -13,7 +13,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import List, Tuple
 
-from common import HERE, PLUGIN, ROOT, SHARED, cached, fairseq_cli, locked, run_all, run_logged
+from common import HERE, PLUGIN, ROOT, SHARED, cached, fairseq_cli, locked, run_all, run_logged, slug, \
+    threads_per_job
 
 sys.path.insert(0, os.path.dirname(HERE))
 from sentencepiece_bpe import encode, train as train_spm  # noqa: E402
@@ -72,7 +73,7 @@ class Run:
 
     @property
     def folder(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") + f"-s{self.seed}"
+        return f"{slug(self.name)}-s{self.seed}"
 
     def seeded(self, seed: int) -> "Run":
         return replace(self, seed=seed)
@@ -104,7 +105,7 @@ STABLEMOE = TABLE2[-1]
 class LMReproduction:
     def __init__(self, args, scale: Scale, out: str):
         self.args, self.scale, self.out = args, scale, out
-        self.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+        self.threads = threads_per_job(args.jobs)
 
     # data -------------------------------------------------------------------------------------------------
     def prepare(self) -> str:

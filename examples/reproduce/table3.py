@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 from common import PLUGIN, SHARED, cached, fairseq_cli, markdown_table, out_dir, parser, run_all, run_logged, \
-    write_report
+    slug, threads_per_job, write_report
 
 MT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multilingual_translation")
 LANGS = ("de", "ro", "fr", "cs", "et", "hi", "tr", "fi", "lv")  # the paper's column order
@@ -116,10 +116,10 @@ def main():
         sys.exit(f"--data {args.data}: no {', '.join(f'{lang}-en/' for lang in missing)} there; pass --data with "
                  f"the folder of <xx>-en/{{train,valid,test}}.{{xx,en}} (e.g. ../shared/data/mt)")
     prep = prepare(args, scale, out)
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    threads = threads_per_job(args.jobs)
 
     def task(name, flags):
-        folder = os.path.join(out, "runs", "mt-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
+        folder = os.path.join(out, "runs", "mt-" + slug(name))
         os.makedirs(folder, exist_ok=True)
         return lambda: cached(os.path.join(folder, "result.json"),
                               lambda: train_and_score(name, flags, args, scale, prep, folder, threads))
