@@ -52,7 +52,7 @@ def build_layer(experts, dim, ffn_dim, sublayers, stage):
             if p.dim() == 2 and not p.abs().sum():
                 nn.init.normal_(p, std=0.02)
     if stage == 2:
-        layer.routing.enter_stage2()
+        layer.routing.end_stage1(0)
         table = layer.routing.distilled_router.table
         table.copy_(torch.arange(table.numel()) % experts)
     return layer.train()

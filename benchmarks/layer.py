@@ -97,7 +97,7 @@ class _LayerCall(torch.nn.Module):
         self.layer, self.ids = layer, ids
 
     def forward(self, x):
-        return self.layer(x, self.ids)
+        return self.layer(x, self.ids)[0]
 
 
 def _bind(fn, *args):

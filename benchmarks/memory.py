@@ -59,7 +59,7 @@ def measure_one(variant, experts, tokens, dim, ffn_dim, sublayers, skewed, devic
     def step():
         module.zero_grad(set_to_none=True)
         x.grad = None
-        out = module(x) if variant == "dense" else module(x, ids)
+        out = module(x) if variant == "dense" else module(x, ids)[0]
         out.backward(grad)
         module.zero_grad(set_to_none=True)
         x.grad = None

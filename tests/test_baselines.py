@@ -70,12 +70,12 @@ def test_criterion_adds_the_switch_loss_times_its_factor():
     torch.manual_seed(0)
     model = torch.nn.ModuleList([MoELayer(SwitchRouting(8, 4), Experts(range(4), 8, 16, 1), 4, padding_idx=1)])
     model.train()
-    model[0](torch.randn(5, 2, 8), torch.full((2, 5), 4))
+    _, aux = model[0](torch.randn(5, 2, 8), torch.full((2, 5), 4))
     log = {}
-    loss = criterion.add_moe_losses(model, torch.tensor(3.0), log)
-    assert model[0].aux["switch_loss"] > 0
-    assert loss.item() == pytest.approx(3.0 + 0.5 * model[0].aux["switch_loss"].item())
-    assert log["moe_switch_loss"] == model[0].aux["switch_loss"]
+    loss = criterion.add_moe_losses(model, (None, {"moe_aux": {model[0]: aux}}), torch.tensor(3.0), log)
+    assert aux["switch_loss"] > 0
+    assert loss.item() == pytest.approx(3.0 + 0.5 * aux["switch_loss"].item())
+    assert log["moe_switch_loss"] == aux["switch_loss"]
 
 
 @pytest.mark.parametrize("tokens", [64, 7 * 8 + 3, 5])
@@ -176,7 +176,7 @@ def test_stablemoe_balanced_stage1_distils_the_balanced_assignment():
     assert out.stats["load"].tolist() == [8, 8, 8, 8]
     assert set(out.losses) == {"distill"}  # balanced by construction: no balance loss
     assert torch.equal(routing.decide(h, TokenView(tokens, 8, None)), out.expert)
-    routing.enter_stage2()  # stage 2 as in StableMoE: the distilled router routes
+    routing.end_stage1(0)  # stage 2 as in StableMoE: the distilled router routes
     assert torch.equal(routing(h, TokenView(tokens, 8, None)).expert,
                        TokenView(tokens, 8, None).select(routing.distilled_router.route(tokens, 8)))
 

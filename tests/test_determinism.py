@@ -56,7 +56,7 @@ def test_inference_output_does_not_depend_on_the_batch(data, stage2):
         for p in layer.experts.parameters():
             p.normal_(0, 0.2)
     if stage2:
-        layer.routing.enter_stage2()
+        layer.routing.end_stage1(0)
     model.eval()
     with open(data + "-text/valid.txt") as f:
         sentences = [task.dictionary.encode_line(line, add_if_not_exist=False).long() for line in f][:6]

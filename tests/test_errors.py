@@ -70,9 +70,9 @@ MESSAGES = {
     "criterion": "--criterion cross_entropy ignores the MoE balance and distillation losses; use "
         "--criterion stablemoe_cross_entropy (LM) or stablemoe_label_smoothed_cross_entropy "
         "(translation)",
-    "task": "StableMoE models train only under a task that switches their stages: use --task "
-        "stablemoe_language_modeling (LM) or --task stablemoe_translation_multi_simple_epoch "
-        "(translation). Evaluation works under any task.",
+    "task": "StableMoE models train only under the plugin's tasks, which check the optimizer and the checkpoint "
+        "they resume from and gather sharded experts before saving: use --task stablemoe_language_modeling (LM) "
+        "or --task stablemoe_translation_multi_simple_epoch (translation). Evaluation works under any task.",
     "resume-stage": "this checkpoint was saved in stage 2 but --stage1-updates 10 puts update 5 "
         "in stage 1; resume with --stage1-updates <= 5, or restart training without "
         "--restore-file",
@@ -148,7 +148,7 @@ def test_criterion_without_moe_losses(data):
     assert str(err.value) == message
 
 
-def test_training_under_a_task_that_does_not_switch_stages(data):
+def test_training_under_a_plain_fairseq_task(data):
     message = MESSAGES["task"]
     model = helpers.build_for_training(data, "--task", "language_modeling")[2]
     model.train()
@@ -179,14 +179,17 @@ def test_no_schedule_warning_for_the_paper_schedule(data, tmp_path, caplog):
 def test_resume_stage2_checkpoint_into_stage1(built):
     message = MESSAGES["resume-stage"]
     model = built[2]
-    routing = staged_routings(model)[0]
-    routing.stage.fill_(2)  # as loaded from a stage-2 checkpoint
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = dict(fresh)
+    saved.update({k: torch.tensor(2) for k in saved if k.endswith("routing.stage")})  # a stage-2 checkpoint
+    model.load_state_dict(saved)
     try:
         with pytest.raises(ValueError) as err:
             check_resumed_stage(model, 5)
         assert str(err.value) == message
     finally:
-        routing.stage.fill_(1)
+        model.load_state_dict(fresh)
+    assert not staged_routings(model)[0].in_stage2
 
 
 def test_flattened_fp16_optimizer_is_refused(data):
@@ -273,13 +276,10 @@ def test_tokens_outside_the_router_vocabulary(built):
 def test_layer_without_token_ids(built):
     message = MESSAGES["no-token-ids"]
     layer = built[2].moe_layers()[0]
-    saved, layer.route_tokens = layer.route_tokens, None
-    try:
-        with pytest.raises(RuntimeError) as err:
-            layer(torch.zeros(3, 1, 32))
-        assert str(err.value) == message
-    finally:
-        layer.route_tokens = saved
+    built[2].eval()(torch.tensor([[4, 5, 6]]))  # the token ids of a forward do not outlive it
+    with pytest.raises(RuntimeError) as err:
+        layer(torch.zeros(3, 1, 32))
+    assert str(err.value) == message
 
 
 def test_experts_not_divisible_by_the_world_size(caplog):

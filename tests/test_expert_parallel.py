@@ -39,7 +39,7 @@ def build_layer(table=None):
     torch.manual_seed(0)
     layer = build_moe_layer(moe_cfg(), DIM, 16, dictionary())
     if table is not None:
-        layer.routing.enter_stage2()
+        layer.routing.end_stage1(0)
         layer.routing.distilled_router.table.copy_(table)
     return layer.train()
 
@@ -55,8 +55,8 @@ def perturb_experts(layer):
 def run(layer, x, tokens):
     """Forward, a loss using the output and every routing loss, backward; returns output and loss."""
     x = x.clone().requires_grad_(True)
-    out = layer(x, tokens)
-    loss = (out * torch.linspace(-1, 1, DIM)).sum() + sum(v for k, v in layer.aux.items() if k.endswith("_loss"))
+    out, aux = layer(x, tokens)
+    loss = (out * torch.linspace(-1, 1, DIM)).sum() + sum(v for k, v in aux.items() if k.endswith("_loss"))
     loss.backward()
     return out.detach(), loss.detach(), x.grad
 

@@ -29,7 +29,7 @@ def make_layer(stage, capacity_factor=0.0):
             p.add_(0.1 * torch.randn_like(p))
         layer.routing.centroids.mul_(20)  # spread the gates away from 0.5
     if stage == 2:
-        layer.routing.enter_stage2()
+        layer.routing.end_stage1(0)
     return layer.train()
 
 
@@ -82,7 +82,7 @@ def test_layer_matches_token_by_token_reference(stage):
     layer = make_layer(stage)
     x, tokens = inputs()
     weight = torch.randn_like(x)
-    out = layer(x, tokens)
+    out, aux = layer(x, tokens)
     x_grad, param_grads = grads(layer, x, out, weight)
     ref = naive(layer, x, tokens)
     ref_x_grad, ref_param_grads = grads(layer, x, ref, weight)
@@ -102,8 +102,8 @@ def test_tokens_over_capacity_pass_through_like_the_reference():
     weight = torch.randn_like(x)
     n = int(tokens.ne(PAD).sum())
     capacity = max(1, int(0.5 * n / EXPERTS))
-    out = layer(x, tokens)
-    assert int(layer.aux["dropped"]) > 0, "the example must drop tokens to test the drop path"
+    out, aux = layer(x, tokens)
+    assert int(aux["dropped"]) > 0, "the example must drop tokens to test the drop path"
     x_grad, _ = grads(layer, x, out, weight)
     ref = naive(layer, x, tokens, capacity)
     ref_x_grad, _ = grads(layer, x, ref, weight)

@@ -4,6 +4,7 @@ import torch
 
 import helpers
 from fairseq_stablemoe.moe.routing import TokenView
+from fairseq_stablemoe.moe import MoELayer
 
 DIM = 32  # --decoder-embed-dim of helpers.train_lm_args
 
@@ -29,8 +30,8 @@ def layer(model):
 
 
 def run(layer, x, tokens):
-    layer.route_tokens = tokens
-    return layer(x)[0]
+    """(output, aux) of the model's MoE layer on its own."""
+    return MoELayer.forward(layer, x, tokens)
 
 
 @pytest.mark.parametrize("stage2", [False, True])
@@ -38,14 +39,14 @@ def run(layer, x, tokens):
 @pytest.mark.parametrize("shape,token", [((0, 2), 5), ((3, 0), 5), ((3, 2), 1)], ids=["no-steps", "no-rows", "all-pads"])
 def test_empty_batch_passes_through(layer, stage2, training, shape, token):
     if stage2:
-        layer.routing.enter_stage2()
+        layer.routing.end_stage1(0)
     layer.train(training)
     steps, rows = shape
     x = torch.randn(steps, rows, DIM, requires_grad=True)
-    y = run(layer, x, torch.full((rows, steps), token))
+    y, aux = run(layer, x, torch.full((rows, steps), token))
     assert torch.equal(y, x)
-    assert int(layer.aux["tokens"]) == 0 and int(layer.aux["load"].sum()) == 0
-    losses = [v for k, v in layer.aux.items() if k.endswith("_loss")]
+    assert int(aux["tokens"]) == 0 and int(aux["load"].sum()) == 0
+    losses = [v for k, v in aux.items() if k.endswith("_loss")]
     assert all(float(v) == 0.0 for v in losses)
     (y.sum() + sum(losses)).backward()  # the backward pass survives too
     assert torch.equal(x.grad, torch.ones_like(x))
@@ -58,17 +59,17 @@ def test_all_tokens_on_one_expert_with_capacity_factor_1(layer, stage2):
         layer.routing.centroids.zero_()  # every affinity ties: argmax picks expert 0
         layer.routing.distilled_router.centroids.zero_()
     if stage2:
-        layer.routing.enter_stage2()
+        layer.routing.end_stage1(0)
     layer.capacity_factor = 1.0
     steps, rows, experts = 8, 4, layer.num_experts
     x = torch.randn(steps, rows, DIM, requires_grad=True)
-    y = run(layer, x, torch.randint(4, 40, (rows, steps)))
+    y, aux = run(layer, x, torch.randint(4, 40, (rows, steps)))
     capacity = steps * rows // experts
-    assert layer.aux["load"].tolist() == [steps * rows, 0, 0, 0]
-    assert int(layer.aux["dropped"]) == steps * rows - capacity
+    assert aux["load"].tolist() == [steps * rows, 0, 0, 0]
+    assert int(aux["dropped"]) == steps * rows - capacity
     changed = (y != x).any(-1).reshape(-1)  # time-major, as routed
     assert int(changed.sum()) == capacity and bool(changed[:capacity].all())  # the first tokens fit, in order
-    loss = y.pow(2).sum() + sum(v for k, v in layer.aux.items() if k.endswith("_loss"))
+    loss = y.pow(2).sum() + sum(v for k, v in aux.items() if k.endswith("_loss"))
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(x.grad).all()
@@ -96,18 +97,19 @@ def test_non_finite_hidden_state_does_not_break_the_layer(layer):
     x = torch.randn(4, 2, DIM)
     x[1, 0] = float("nan")
     x[2, 1] = float("inf")
-    y = run(layer, x, torch.randint(4, 40, (2, 4)))
+    tokens = torch.randint(4, 40, (2, 4))
+    y, aux = run(layer, x, tokens)
     finite = torch.isfinite(x).all(-1)
-    reference = run(layer, torch.where(finite[..., None], x, torch.zeros_like(x)), layer.route_tokens)
+    reference, _ = run(layer, torch.where(finite[..., None], x, torch.zeros_like(x)), tokens)
     assert torch.allclose(y[finite], reference[finite], atol=1e-6)  # no NaN leaks into other tokens
-    assert all(torch.isfinite(v) for k, v in layer.aux.items() if k.endswith("_loss"))
+    assert all(torch.isfinite(v) for k, v in aux.items() if k.endswith("_loss"))
 
 
 @pytest.mark.parametrize("stage2", [False, True])
 def test_autocast_keeps_routing_gate_and_losses_in_float32(layer, stage2):
     """--amp (and CPU autocast to bfloat16): experts compute in low precision, routing does not."""
     if stage2:
-        layer.routing.enter_stage2()
+        layer.routing.end_stage1(0)
     x = torch.randn(6, 3, DIM)
     tokens = torch.randint(4, 40, (3, 6))
     captured = []
@@ -133,7 +135,7 @@ def test_half_precision_model_routes_in_float32(layer, dtype):
     layer.routing.register_forward_hook(lambda m, i, out: captured.append(out))
     reference_centroids = layer.routing.centroids.detach().to(dtype).float()
     layer.to(dtype)
-    y = run(layer, x, tokens)
+    y, _ = run(layer, x, tokens)
     out = captured[0]
     assert y.dtype == dtype
     assert out.gate.dtype == torch.float32

@@ -8,7 +8,8 @@ import torch.nn as nn
 from fairseq.data import Dictionary
 
 from fairseq_stablemoe.analysis import expert_tokens, fluctuation
-from fairseq_stablemoe.moe import Experts, MoELayer
+from fairseq_stablemoe.moe import EncoderMoELayer, Experts, MoELayer
+from fairseq_stablemoe.moe.placement import stack_forward
 from fairseq_stablemoe.moe.distilled_router import WordEmbeddingRouter
 from fairseq_stablemoe.moe.probe import probe_experts
 from fairseq_stablemoe.moe.routing import affinities
@@ -77,7 +78,7 @@ class ToyModel(nn.Module):
         self.embed = nn.Embedding(vocab, dim, padding_idx=PAD)
         self.dropout = nn.Dropout(0.5)
         self.moe = nn.ModuleList(
-            MoELayer(StableMoERouting(dim, experts, WordEmbeddingRouter(vocab, experts, 3, PAD), 5),
+            EncoderMoELayer(StableMoERouting(dim, experts, WordEmbeddingRouter(vocab, experts, 3, PAD), 5),
                      Experts(range(experts), dim, 8, 1), experts, PAD) for _ in range(2))
         for p in self.moe.parameters():
             nn.init.normal_(p)  # non-identity experts: the second layer's input depends on the first
@@ -85,17 +86,15 @@ class ToyModel(nn.Module):
 
     def forward(self, src_tokens):
         x = self.dropout(self.embed(src_tokens)).transpose(0, 1)
-        for layer in self.moe:
-            layer.route_tokens = src_tokens
-            x = layer(x)
+        with stack_forward(self.moe, src_tokens):
+            for layer in self.moe:
+                x = layer(x)
         return self.out(x)
 
 
 def test_probe_asks_decide_in_eval_mode_and_leaves_training_untouched():
     model = ToyModel().train()
     tokens = torch.tensor([[5, 6, 7, 8], [9, 10, PAD, PAD]])
-    for layer in model.moe:
-        layer.aux = {"sentinel": torch.tensor(1.0)}
     calls = []
     model.moe[1].experts.register_forward_hook(lambda *_: calls.append("experts of the last MoE layer"))
     model.out.register_forward_hook(lambda *_: calls.append("output layer"))
@@ -104,7 +103,7 @@ def test_probe_asks_decide_in_eval_mode_and_leaves_training_untouched():
     decided = probe_experts(model, {"src_tokens": tokens})
 
     assert torch.equal(torch.get_rng_state(), rng)
-    assert model.training and all(list(layer.aux) == ["sentinel"] for layer in model.moe)
+    assert model.training
     assert calls == []  # nothing after the last MoE layer's routing decision runs
     with torch.no_grad():
         x = model.embed(tokens).transpose(0, 1)  # no dropout
@@ -112,12 +111,12 @@ def test_probe_asks_decide_in_eval_mode_and_leaves_training_untouched():
         for layer in model.moe:
             e = affinities(x.transpose(0, 1).reshape(-1, 4), layer.routing.centroids).argmax(-1).view(2, 4)
             expected.append(e.masked_fill(tokens.eq(PAD), -1))  # stage 1: the backbone's greedy choice
-            x = layer.eval()(x, tokens)  # later layers see the earlier ones' inference routing
+            x, _ = MoELayer.forward(layer.eval(), x, tokens)  # later layers see the earlier ones' inference routing
     assert list(decided) == ["moe.0", "moe.1"]
     for (ids, experts), want in zip(decided.values(), expected):
         assert torch.equal(ids, tokens) and torch.equal(experts, want)
 
-    model.moe[0].routing.enter_stage2()  # stage 2: the frozen router's token -> expert table
+    model.moe[0].routing.end_stage1(0)  # stage 2: the frozen router's token -> expert table
     _, experts = probe_experts(model, {"src_tokens": tokens})["moe.0"]
     table = model.moe[0].routing.distilled_router.table
     assert torch.equal(experts, table[tokens].masked_fill(tokens.eq(PAD), -1))

@@ -55,9 +55,9 @@ def probe_losses_and_routing(data, checkpoint):
     tokens = torch.arange(4, 36).view(2, 16) % len(task.dictionary)
     tokens[tokens < 4] = 4
     with torch.no_grad():
-        logits = model(tokens)[0]
+        logits, extra = model(tokens)
     layer = model.moe_layers()[0]
-    routing = layer.aux["load"], layer.routing.distilled_router.route(tokens, 16)
+    routing = extra["moe_aux"][layer]["load"], layer.routing.distilled_router.route(tokens, 16)
     return logits, routing, {k: v.clone() for k, v in model.state_dict().items()}
 
 

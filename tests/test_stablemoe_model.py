@@ -41,10 +41,11 @@ def test_losses_and_statistics_sum_over_all_moe_layers(tmp_path):
     model, task = build_lm(tmp_path, "--moe-layers", 2, "--moe-position", "scattered")
     model.train()
     model.stage_switching_task = True
-    model(torch.randint(4, len(task.dictionary), (2, 8)))
+    net_output = model(torch.randint(4, len(task.dictionary), (2, 8)))
     layers = model.moe_layers()
-    aux = collect_moe_aux(model)
-    assert len(layers) == 2
+    aux = collect_moe_aux(net_output)
+    per_layer = net_output[1]["moe_aux"]
+    assert len(layers) == 2 and list(per_layer) == layers
     for key in ("balance_loss", "distill_loss", "tokens"):
-        assert torch.allclose(aux[key].float(), (layers[0].aux[key] + layers[1].aux[key]).float())
+        assert torch.allclose(aux[key].float(), (per_layer[layers[0]][key] + per_layer[layers[1]][key]).float())
     assert aux["tokens"].item() == 2 * 16 and aux["forwards"].item() == 2

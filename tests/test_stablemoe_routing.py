@@ -49,7 +49,7 @@ def test_stage1_gate_output_and_losses_by_hand():
             p.normal_()  # a non-identity expert, so the gate matters
     x = torch.randn(5, 1, 4)  # T x B x C
     tokens = torch.tensor([[2, 3, 4, 5, 6]])
-    out = layer(x, tokens)
+    out, aux = layer(x, tokens)
 
     h = x.view(5, 4)
     s = h @ layer.routing.centroids.t()
@@ -63,19 +63,19 @@ def test_stage1_gate_output_and_losses_by_hand():
     router = layer.routing.distilled_router
     s_hat = router.embed(tokens[0]) @ router.centroids.t()  # Eq. 9
     distill = -torch.log_softmax(s_hat, -1).gather(1, a[:, None]).sum()  # Eq. 10
-    assert layer.aux["distill_loss"].item() == pytest.approx(distill.item(), rel=1e-5)
+    assert aux["distill_loss"].item() == pytest.approx(distill.item(), rel=1e-5)
     load = torch.bincount(a, minlength=2).float()
     gate = torch.sigmoid(s.gather(1, a[:, None]).squeeze(1))
     balance = sum(((load[i] - 2.5) / 2.5) * gate[a == i].sum() for i in range(2))
-    assert layer.aux["balance_loss"].item() == pytest.approx(balance.item(), rel=1e-5)
+    assert aux["balance_loss"].item() == pytest.approx(balance.item(), rel=1e-5)
 
 
 def test_distillation_gradient_reaches_only_the_router():
     layer = make_layer()
     layer.train()
     x = torch.randn(6, 2, 4, requires_grad=True)
-    layer(x, torch.randint(2, 10, (2, 6)))
-    layer.aux["distill_loss"].backward()
+    _, aux = layer(x, torch.randint(2, 10, (2, 6)))
+    aux["distill_loss"].backward()
     router = layer.routing.distilled_router
     assert router.embed.weight.grad.abs().sum() > 0 and router.centroids.grad.abs().sum() > 0
     assert x.grad is None
@@ -87,7 +87,7 @@ def test_no_gradient_through_the_routing_decision():
     layer = make_layer()  # zero-initialised experts: f(h) = 0, so the output cannot depend on the gate
     layer.train()
     x = torch.randn(6, 2, 4, requires_grad=True)
-    out = layer(x, torch.randint(2, 10, (2, 6)))
+    out, aux = layer(x, torch.randint(2, 10, (2, 6)))
     out.sum().backward()
     # the argmax is not differentiable and the gate multiplies f(h) = 0: no gradient reaches E from the output
     assert torch.count_nonzero(layer.routing.centroids.grad) == 0
@@ -111,14 +111,14 @@ def test_balance_gradient_only_for_assigned_experts():
 def test_stage2_routes_by_frozen_router_and_gate_uses_backbone_score():
     layer = make_layer()
     layer.train()
-    layer.routing.enter_stage2()
+    layer.routing.end_stage1(0)
     x = torch.randn(5, 1, 4, requires_grad=True)
     tokens = torch.tensor([[2, 3, 4, 5, 6]])
-    out = layer(x, tokens)
+    out, aux = layer(x, tokens)
     router = layer.routing.distilled_router
     a_hat = (router.embed(tokens[0]) @ router.centroids.t()).argmax(-1)  # Eqs. 12-13
     assert torch.equal(router.table[tokens[0]], a_hat)
-    assert "balance_loss" not in layer.aux and "distill_loss" not in layer.aux  # Eq. 15
+    assert "balance_loss" not in aux and "distill_loss" not in aux  # Eq. 15
     out.sum().backward()
     assert all(p.grad is None for p in router.parameters())  # frozen: no gradient at all
     assert layer.routing.centroids.grad is not None  # the gate σ(E·h) keeps learning (Eq. 14)
@@ -128,7 +128,7 @@ def test_stage2_routes_by_frozen_router_and_gate_uses_backbone_score():
 def test_stage2_gate_and_its_gradients_equal_the_full_affinity_formula(experts):
     """Stage 2 differentiates only s_{t,â_t}; gate, dL/dh and dL/dE must be those of σ(gather(E·h)) (Eq. 14)."""
     routing = StableMoERouting(3, experts, WordEmbeddingRouter(10, experts, 2, PAD), stage1_updates=0)
-    routing.enter_stage2()
+    routing.end_stage1(0)
     routing.distilled_router.table.copy_(torch.tensor([0, 0, 2, 1, 0, 2, 1, 1, 0, 2]))
     with torch.no_grad():
         routing.centroids[:3] = torch.tensor([[0.5, -1.0, 0.0], [0.2, 0.3, 2.0], [-0.4, 0.1, 0.7]])
@@ -157,13 +157,13 @@ def test_inference_routes_with_distilled_router_even_in_stage1():
     layer = make_layer()
     layer.eval()
     tokens = torch.tensor([[2, 3, 4, 5, 6, 7]])
-    layer(torch.randn(6, 1, 4), tokens)
+    _, aux = layer(torch.randn(6, 1, 4), tokens)
     router = layer.routing.distilled_router
     expected = (router.embed(tokens[0]) @ router.centroids.t()).argmax(-1)
     h = torch.randn(6, 4)
     assert torch.equal(layer.routing.decide(h, TokenView(tokens, 6, None)), h.matmul(
         layer.routing.centroids.t()).argmax(-1))  # stage-1 training target: the backbone
-    layer.routing.enter_stage2()
+    layer.routing.end_stage1(0)
     assert torch.equal(layer.routing.decide(h, TokenView(tokens, 6, None)), expected)
 
 
@@ -175,9 +175,9 @@ def test_pads_pass_through_and_are_not_counted():
             p.normal_()
     x = torch.randn(4, 2, 4)
     tokens = torch.tensor([[2, 3, PAD, PAD], [4, 5, 6, 7]])
-    out = layer(x, tokens)
+    out, aux = layer(x, tokens)
     assert torch.equal(out[2:, 0], x[2:, 0])  # pad positions unchanged
-    assert layer.aux["tokens"].item() == 6 and layer.aux["load"].sum().item() == 6
+    assert aux["tokens"].item() == 6 and aux["load"].sum().item() == 6
 
 
 def test_capacity_drops_overflow_tokens_unchanged():
@@ -189,7 +189,7 @@ def test_capacity_drops_overflow_tokens_unchanged():
         for p in layer.experts.parameters():
             p.normal_()
     x = torch.rand(6, 1, 4) + 0.1  # every token prefers expert 0
-    out = layer(x, torch.tensor([[2, 3, 4, 5, 6, 7]]))
-    assert layer.aux["dropped"].item() == 3
+    out, aux = layer(x, torch.tensor([[2, 3, 4, 5, 6, 7]]))
+    assert aux["dropped"].item() == 3
     assert torch.equal(out[3:], x[3:]) and not torch.equal(out[:3], x[:3])  # the last tokens overflow
 

@@ -57,10 +57,11 @@ def test_every_routing_trains_in_both_stacks(routing):
     model.train()
     model.stage_switching_task = True
     src, prev = torch.tensor([[12, 13, 14, d.eos()]] * 2), torch.tensor([[d.eos(), 30, 31, 32]] * 2)
-    out, _ = model(src, torch.tensor([4, 4]), prev)
+    out, extra = model(src, torch.tensor([4, 4]), prev)
     out.sum().backward()
+    assert list(extra["moe_aux"]) == list(moe_layers(model))  # the encoder's MoE layers, then the decoder's
     for layer in moe_layers(model):
-        assert layer.aux["tokens"] == 8
+        assert extra["moe_aux"][layer]["tokens"] == 8
         assert any(p.grad is not None for p in layer.experts.parameters())
 
 
@@ -105,7 +106,7 @@ def test_incremental_decoding_equals_full_sequence(router):
     d = make_dictionary()
     model = build_model(d, router)
     for layer in moe_layers(model):
-        layer.routing.enter_stage2()
+        layer.routing.end_stage1(0)
     src = torch.tensor([[d.pad(), 12, 13, 14, 15, d.eos()], [20, 21, 22, 23, 24, d.eos()]])
     src_len = torch.tensor([5, 6])
     prev = torch.tensor([[d.eos(), 30, 31, 30, 33, 31, 32], [d.eos(), 31, 30, 30, 34, 35, 36]])

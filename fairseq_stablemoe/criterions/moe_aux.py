@@ -10,11 +10,14 @@ from fairseq import metrics, utils
 from ..moe import moe_layers
 
 
-def collect_moe_aux(model) -> Dict[str, torch.Tensor]:
-    """Sum every MoE layer's losses and token statistics of the last forward; load spread per layer."""
+def collect_moe_aux(net_output) -> Dict[str, torch.Tensor]:
+    """Sum the losses and token statistics of every MoE layer that ran in this forward (the model returns them
+    in its output's extra, "moe_aux"); the load spread per layer."""
     total: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
-    for layer in moe_layers(model):
-        aux = dict(layer.aux)
+    for key in ("tokens", "dropped", "forwards"):  # the same keys every batch, so ranks can sum them
+        total[key] = torch.zeros((), dtype=torch.long)
+    for aux in net_output[1].get("moe_aux", {}).values():
+        aux = dict(aux)
         load = aux.pop("load", None)
         for key, value in aux.items():
             total[key] = total[key] + value.detach() if not key.endswith("_loss") else total[key] + value
@@ -25,8 +28,6 @@ def collect_moe_aux(model) -> Dict[str, torch.Tensor]:
             total["load_cv"] = total["load_cv"] + load.std(unbiased=False) / mean
             total["unused_experts"] = total["unused_experts"] + (load == 0).sum()
             total["forwards"] = total["forwards"] + 1
-        if load is not None and hasattr(layer.routing, "stage"):
-            total["stage"] = total["stage"] + layer.routing.stage.float()
     return total
 
 
@@ -63,8 +64,8 @@ class MoEAuxLossMixin:
             "ntokens": sample["ntokens"], "nsentences": sample["target"].size(0), "sample_size": sample_size,
         }
 
-    def add_moe_losses(self, model, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
-        aux = collect_moe_aux(model)
+    def add_moe_losses(self, model, net_output, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
+        aux = collect_moe_aux(net_output)
         loss = task_loss
         produced = {name for layer in moe_layers(model) for name in getattr(layer.routing, "loss_names", ())}
         for name, factor in self.aux_factors.items():

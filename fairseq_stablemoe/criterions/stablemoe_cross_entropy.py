@@ -24,7 +24,7 @@ class StableMoECrossEntropyCriterion(MoEAuxLossMixin, CrossEntropyCriterion):
         net_output = model(**sample["net_input"])
         nll_loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size, logging_output = self.sample_size_and_log(sample)
-        loss = self.add_moe_losses(model, nll_loss, logging_output)
+        loss = self.add_moe_losses(model, net_output, nll_loss, logging_output)
         return loss, sample_size, logging_output
 
     @staticmethod

@@ -38,7 +38,7 @@ class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothed
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size, logging_output = self.sample_size_and_log(sample)
-        loss = self.add_moe_losses(model, loss, logging_output)
+        loss = self.add_moe_losses(model, net_output, loss, logging_output)
         logging_output["nll_loss"] = nll_loss.data
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)

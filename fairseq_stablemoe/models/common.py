@@ -6,7 +6,8 @@ from ..moe import MoELayer, moe_layers
 
 
 class MoEModelMixin:
-    # set by StageSwitchingTask.build_model: only such a task switches StableMoE's stages in training
+    # set by StageSwitchingTask.build_model. The stage is the model's own (set_num_updates), but a plain fairseq
+    # task would skip the training loop's safeguards: the fp16 optimizer and resume checks, the expert gathering
     stage_switching_task = False
 
     def moe_layers(self) -> List[MoELayer]:
@@ -15,9 +16,10 @@ class MoEModelMixin:
     def forward(self, *args, **kwargs):
         if self.training and not self.stage_switching_task:
             raise RuntimeError(
-                "StableMoE models train only under a task that switches their stages: use --task "
-                "stablemoe_language_modeling (LM) or --task stablemoe_translation_multi_simple_epoch "
-                "(translation). Evaluation works under any task.")
+                "StableMoE models train only under the plugin's tasks, which check the optimizer and the checkpoint "
+                "they resume from and gather sharded experts before saving: use --task stablemoe_language_modeling "
+                "(LM) or --task stablemoe_translation_multi_simple_epoch (translation). Evaluation works under "
+                "any task.")
         return super().forward(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):

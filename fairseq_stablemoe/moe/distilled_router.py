@@ -29,6 +29,9 @@ class DistilledRouter(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
+    def fix_routing(self):
+        """Stage 2 begins: the routing of every token is final (a router that can, tabulates it here)."""
+
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed(tokens)
 
@@ -49,18 +52,24 @@ class WordEmbeddingRouter(DistilledRouter):
 
     def __init__(self, vocab_size, num_experts, dim, padding_idx):
         super().__init__(vocab_size, num_experts, dim, padding_idx)
-        # token id -> expert, filled when the router is frozen; -1 = not built yet
+        # token id -> expert, filled when stage 2 begins; -1 = not built yet. An integer buffer: converting the
+        # model to fp16/bf16 cannot move a token to another expert
         self.register_buffer("table", torch.full((vocab_size,), -1, dtype=torch.long))
+        self.has_table = False  # the table's state on the host, so routing never reads it back from the device
 
-    def freeze(self):
-        super().freeze()
+    def fix_routing(self):
         with torch.no_grad():
             ids = torch.arange(self.vocab_size, device=self.table.device)
             self.table.copy_(self(ids.unsqueeze(0), self.vocab_size).argmax(-1).squeeze(0))
+        self.has_table = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.has_table = bool((self.table >= 0).all())
 
     @torch.no_grad()
     def route(self, tokens, last):
-        if self.frozen and self.table[0] >= 0:
+        if self.has_table:
             return self.table[tokens[:, -last:]]
         return super().route(tokens, last)
 

@@ -1,5 +1,5 @@
 """One MoE layer: a routing strategy decides, the shared machinery dispatches, computes, combines."""
-from typing import Dict, Optional
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -56,20 +56,21 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.dispatcher = dispatcher or LocalDispatcher()
-        self.route_tokens: Optional[torch.Tensor] = None  # B x S token ids, set by the model per forward
-        self.aux: Dict[str, torch.Tensor] = {}  # losses and statistics of the last forward
 
-    def forward(self, x: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: T x B x C hidden states; tokens: B x S ids whose last T positions are x's tokens."""
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """x: T x B x C hidden states; tokens: B x S ids whose last T positions are x's tokens.
+
+        Returns the output and this forward's aux: the routing's losses (`<name>_loss`, token sums) and
+        statistics (`load`, token sums), `tokens` routed and `dropped` over capacity. Nothing is kept here."""
         flat, h, view = self._routed_rows(x, tokens)
         routing = self.routing(h, view)
-        y = self._compute(h, routing)
+        y, aux = self._compute(h, routing)
 
         out = y if view.index is None else flat.index_copy(0, view.index, y)
-        return out.view(x.shape)
+        return out.view(x.shape), aux
 
     @torch.no_grad()
-    def decide(self, x: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decide(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """B x T: the expert each token of x would train with now (the routing's decide()), -1 at pads.
 
         Nothing is computed by the experts and nothing is stored: routing probes call this between updates.
@@ -84,11 +85,8 @@ class MoELayer(nn.Module):
             expert[view.index] = decided
         return expert.view(seq_len, bsz).t()
 
-    def _routed_rows(self, x: torch.Tensor, tokens: Optional[torch.Tensor]):
+    def _routed_rows(self, x: torch.Tensor, tokens: torch.Tensor):
         """(all rows of x flattened time-major, the non-pad rows that get routed, their TokenView)."""
-        tokens = self.route_tokens if tokens is None else tokens
-        if tokens is None:
-            raise RuntimeError("MoELayer needs the token ids: the model sets them before each forward")
         seq_len, _, dim = x.shape
         flat = x.reshape(-1, dim)
         index = tokens[:, -seq_len:].t().reshape(-1).ne(self.padding_idx).nonzero().squeeze(1)
@@ -97,7 +95,7 @@ class MoELayer(nn.Module):
         h = flat if index is None else flat[index]
         return flat, h, TokenView(tokens, seq_len, index)
 
-    def _compute(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _compute(self, h: torch.Tensor, routing: Routing) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         expert = routing.expert
         expert_sorted, order = torch.sort(expert, stable=True)
         counts = routing.counts if routing.counts is not None else torch.bincount(expert, minlength=self.num_experts)
@@ -116,12 +114,12 @@ class MoELayer(nn.Module):
         y_sorted = self.dispatcher(x_sorted, counts.tolist(), self.experts)
         if routing.gate is not None:
             y_sorted = torch.lerp(x_sorted, y_sorted, routing.gate[order].to(y_sorted.dtype).unsqueeze(1))
-        self.aux = {
+        aux = {
             **{f"{k}_loss": v for k, v in routing.losses.items()},
             **routing.stats,
             "tokens": h.new_tensor(h.size(0), dtype=torch.long),
             "dropped": dropped,
         }
         if inverse is None:  # dropped tokens pass through unchanged
-            return h.index_copy(0, order, y_sorted)
-        return _Permute.apply(y_sorted, inverse, order)
+            return h.index_copy(0, order, y_sorted), aux
+        return _Permute.apply(y_sorted, inverse, order), aux

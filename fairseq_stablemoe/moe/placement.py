@@ -1,24 +1,71 @@
-"""Where MoE layers go in a stack of Transformer blocks, and how they get the token ids."""
-from typing import List
+"""Where MoE layers go in a stack of Transformer blocks, how they get the token ids, and how their aux leaves.
+
+fairseq's layer loops pass each layer only the hidden states. A stack's forward (`stack_forward`) hands its
+token ids to its MoE layers for exactly the duration of that forward, and collects the aux of the layers that
+ran (a layer skipped by --decoder-layerdrop reports nothing): the stack returns it in its output, as
+`extra["moe_aux"]` (decoder) and `encoder_out["moe_aux"]` (encoder; the decoder adds it to its own).
+"""
+import contextlib
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from .layer import MoELayer
 
+MoEAux = Dict[MoELayer, Dict[str, torch.Tensor]]  # per MoE layer that ran: its aux (see MoELayer.forward)
 
-class DecoderMoELayer(MoELayer):
+
+class StackForward:
+    """One forward of a stack of blocks: its token ids (B x S, the whole prefix, also in incremental decoding,
+    where each layer picks the positions it routes) and the aux its MoE layers report."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+        self.aux: MoEAux = {}
+
+
+@contextlib.contextmanager
+def stack_forward(layers: nn.ModuleList, tokens: torch.Tensor):
+    scope = StackForward(tokens)
+    placed = [layer for layer in layers if isinstance(layer, StackedMoELayer)]
+    for layer in placed:
+        layer.stack = scope
+    try:
+        yield scope
+    finally:
+        for layer in placed:
+            layer.stack = None
+
+
+class StackedMoELayer(MoELayer):
+    """An MoE layer among a stack's blocks: its token ids come from the stack's forward, its aux goes back there."""
+
+    stack: Optional[StackForward] = None
+
+    def stack_tokens(self) -> torch.Tensor:
+        if self.stack is None:
+            raise RuntimeError("MoELayer needs the token ids: the model sets them before each forward")
+        return self.stack.tokens
+
+    def forward_in_stack(self, x: torch.Tensor) -> torch.Tensor:
+        y, aux = MoELayer.forward(self, x, self.stack_tokens())
+        self.stack.aux[self] = aux
+        return y
+
+
+class DecoderMoELayer(StackedMoELayer):
     """An MoE layer in fairseq's decoder loop, which expects (x, attn, _) from every layer."""
 
     def forward(self, x, *args, **kwargs):
-        return super().forward(x), None, None
+        return self.forward_in_stack(x), None, None
 
 
-class EncoderMoELayer(MoELayer):
+class EncoderMoELayer(StackedMoELayer):
     """An MoE layer in fairseq's encoder loop, which passes the padding mask positionally."""
 
     def forward(self, x, *args, **kwargs):
-        return super().forward(x)
+        return self.forward_in_stack(x)
 
     def upgrade_state_dict_named(self, state_dict, name):
         """fairseq's encoder calls this on each of its layers when loading a checkpoint; nothing to upgrade."""
@@ -52,22 +99,18 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int):
             f"(fairseq-preprocess --srcdict)")
 
 
-def feed_token_ids(layers: nn.ModuleList, tokens):
-    """Hand a stack's input token ids to its MoE layers: the whole prefix, also in incremental decoding,
-    where each layer picks the positions it routes."""
-    for layer in layers:
-        if isinstance(layer, MoELayer):
-            layer.route_tokens = tokens
-
-
 class FeedsDecoderTokenIds:
     """Mix into a fairseq decoder before the decoder class. extract_features is where both `decoder(...)` and
-    the direct `decoder.forward(...)` of fairseq's sequence generator pass (a forward hook would miss the latter)."""
+    the direct `decoder.forward(...)` of fairseq's sequence generator pass (a forward hook would miss the latter).
+    Its `extra` gets "moe_aux": the encoder's MoE layers' aux and then the decoder's."""
 
     def extract_features(self, prev_output_tokens, *args, **kwargs):
         check_token_ids(prev_output_tokens, self.embed_tokens.num_embeddings)
-        feed_token_ids(self.layers, prev_output_tokens)
-        return super().extract_features(prev_output_tokens, *args, **kwargs)
+        with stack_forward(self.layers, prev_output_tokens) as scope:
+            x, extra = super().extract_features(prev_output_tokens, *args, **kwargs)
+        encoder_out = args[0] if args else kwargs.get("encoder_out")
+        extra["moe_aux"] = {**(encoder_out or {}).get("moe_aux", {}), **scope.aux}
+        return x, extra
 
 
 class FeedsEncoderTokenIds:
@@ -75,5 +118,7 @@ class FeedsEncoderTokenIds:
 
     def forward_scriptable(self, src_tokens, *args, **kwargs):
         check_token_ids(src_tokens, self.embed_tokens.num_embeddings)
-        feed_token_ids(self.layers, src_tokens)
-        return super().forward_scriptable(src_tokens, *args, **kwargs)
+        with stack_forward(self.layers, src_tokens) as scope:
+            encoder_out = super().forward_scriptable(src_tokens, *args, **kwargs)
+        encoder_out["moe_aux"] = scope.aux
+        return encoder_out

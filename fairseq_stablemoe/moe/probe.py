@@ -4,7 +4,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .layer import MoELayer
+from .placement import StackedMoELayer
 
 
 class _EveryModuleSeen(Exception):
@@ -48,20 +48,19 @@ def probe_experts(model: nn.Module, net_input: dict) -> Dict[str, Tuple[torch.Te
 
     The blocks run in eval mode (no dropout) with no gradient; each MoE layer is asked for its
     training-time decision (`MoELayer.decide`). MoE layers before the last one run their inference
-    routing to produce the next blocks' input. The training RNG and the layers' aux statistics are
-    left exactly as they were.
+    routing to produce the next blocks' input. The training RNG is left exactly as it was.
     """
-    named = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, StackedMoELayer)]
     names: List[str] = [name for name, _ in named]
     layers = [m for _, m in named]
     decided = {}
 
     def on_call(i, args, _):
         x = args[0]
-        decided[names[i]] = (layers[i].route_tokens[:, -x.size(0):], layers[i].decide(x))
+        tokens = layers[i].stack_tokens()
+        decided[names[i]] = (tokens[:, -x.size(0):], layers[i].decide(x, tokens))
 
     device = next(model.parameters()).device
-    saved_aux = [layer.aux for layer in layers]
     was_training = model.training
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
@@ -70,6 +69,4 @@ def probe_experts(model: nn.Module, net_input: dict) -> Dict[str, Tuple[torch.Te
             forward_until(model, net_input, layers, on_call)
         finally:
             model.train(was_training)
-            for layer, aux in zip(layers, saved_aux):
-                layer.aux = aux
     return {name: decided[name] for name in names if name in decided}

@@ -20,20 +20,18 @@ logger = logging.getLogger(__name__)
 
 
 def staged_routings(model):
-    return [layer.routing for layer in moe_layers(model) if hasattr(layer.routing, "enter_stage2")]
+    return [layer.routing for layer in moe_layers(model) if getattr(layer.routing, "staged", False)]
 
 
-def switch_stages(model, update_num: int) -> int:
-    """Move every staged routing whose stage 1 is over into stage 2 (once); return how many moved.
-
-    A routing loaded from a stage-2 checkpoint is frozen again, with its saved router, and logged as a resume.
-    """
-    moved = resumed = 0
-    for routing in staged_routings(model):
-        if update_num >= routing.stage1_updates and not routing.in_stage2:
-            resumed += int(routing.stage) == 2
-            moved += int(routing.stage) != 2
-            routing.enter_stage2()
+def advance_stages(model, update_num: int, first_step: bool) -> int:
+    """Pass fairseq's update count to the model, as fairseq's train_step does first, and log the routings it
+    moves into stage 2 (the routings decide); on a resumed run's first step, those the checkpoint had there."""
+    routings = staged_routings(model)
+    before = [routing.in_stage2 for routing in routings]
+    model.set_num_updates(update_num)
+    moved = sum(routing.in_stage2 and not was for routing, was in zip(routings, before))
+    resumed = sum(was and routing.stage2_began < update_num for routing, was in zip(routings, before)) \
+        if first_step else 0
     if moved:
         logger.info(f"StableMoE: update {update_num}: {moved} MoE layer(s) enter stage 2; "
                     f"distilled routers frozen, routing fixed from now on")
@@ -46,7 +44,7 @@ def switch_stages(model, update_num: int) -> int:
 def check_resumed_stage(model, update_num: int):
     """A checkpoint written in stage 2 cannot go back to stage 1 (its router would start moving again)."""
     for routing in staged_routings(model):
-        if int(routing.stage) == 2 and update_num < routing.stage1_updates:
+        if routing.in_stage2 and routing.stage1_updates is not None and update_num < routing.stage1_updates:
             raise ValueError(
                 f"this checkpoint was saved in stage 2 but --stage1-updates {routing.stage1_updates} puts "
                 f"update {update_num} in stage 1; resume with --stage1-updates <= {update_num}, or restart "
@@ -56,6 +54,8 @@ def check_resumed_stage(model, update_num: int):
 def warn_stage_schedule(model, max_update: int) -> None:
     """Legal schedules that are rarely what the user meant: no stage 2, or no stage 1."""
     for routing in staged_routings(model)[:1]:
+        if routing.stage1_updates is None:
+            continue
         if 0 < max_update <= routing.stage1_updates:
             logger.warning(
                 f"--stage1-updates {routing.stage1_updates} >= --max-update {max_update}: training stays in "
@@ -162,7 +162,7 @@ class StageSwitchingTask:
                                "(e.g. Adam moments) starts afresh; shared parameters keep theirs")
             self._resume_checked = True
         drop_gathered_experts(model)
-        switch_stages(model, update_num)
+        advance_stages(model, update_num, first_step)
         if probes:
             # the first step of a (resumed) run probes too: that is where the record continues
             if first_step or update_num % probes.interval == 0:
@@ -178,5 +178,5 @@ class StageSwitchingTask:
         gather_experts(model)  # all ranks validate before fairseq saves; rank 0 then writes every expert
         update = updates_done()
         if self.routing_probes and update is not None:
-            switch_stages(model, update)  # what the next train_step does first: the probe sees its routing
+            advance_stages(model, update, first_step=False)  # as the next train_step will: the probe sees its routing
             self.routing_probes.probe(self, model, update)

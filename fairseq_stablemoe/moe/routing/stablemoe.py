@@ -17,6 +17,8 @@ Ablation "BASE Layer + fixed routing" (paper Table 5), --stage1-assignment balan
 layers' balanced assignment instead of (6), has no balance loss (8) (balanced by construction) and distils
 that assignment by (10); stage 2 is unchanged.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,19 +37,25 @@ def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -
 
 
 class StableMoERouting(nn.Module):
+    """The stage is this routing's own: 1 or 2, decided from the update count fairseq passes to every module
+    (`set_num_updates`, before each training step and when a checkpoint is loaded), saved with the model."""
+
     loss_names = ("balance", "distill")  # what it may put in Routing.losses
+    staged = True
 
     def __init__(self, dim: int, num_experts: int, distilled_router: DistilledRouter,
-                 stage1_updates: int, stage1_assignment: str = "greedy"):
+                 stage1_updates: Optional[int], stage1_assignment: str = "greedy"):
         super().__init__()
         self.num_experts = num_experts
-        self.stage1_updates = stage1_updates
+        self.stage1_updates = stage1_updates  # None: stage 1 ends only when end_stage1 is called
         self.balanced_stage1 = stage1_assignment == "balanced"
         self.centroids = nn.Parameter(torch.empty(num_experts, dim))  # E
         nn.init.orthogonal_(self.centroids, gain=0.1)
         self.distilled_router = distilled_router
-        # 1 or 2; saved with the model so a checkpoint says which stage it was written in
+        # saved with the model: the stage a checkpoint was written in, and the update stage 2 began at (-1: not yet)
         self.register_buffer("stage", torch.tensor(1))
+        self.register_buffer("stage2_start", torch.tensor(-1))
+        self.stage2_began: Optional[int] = None  # the buffers' value on the host: read every forward, never synced
 
     @classmethod
     def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int) -> "StableMoERouting":
@@ -57,12 +65,30 @@ class StableMoERouting(nn.Module):
 
     @property
     def in_stage2(self) -> bool:
-        return self.distilled_router.frozen
+        return self.stage2_began is not None
 
-    def enter_stage2(self):
-        """Freeze the distilled router for real: no gradient, so no optimizer (momentum included) moves it."""
-        self.distilled_router.freeze()
+    def set_num_updates(self, num_updates: int):
+        """fairseq's update count: stage 1 ends once `num_updates` updates are done (--stage1-updates)."""
+        if not self.in_stage2 and self.stage1_updates is not None and num_updates >= self.stage1_updates:
+            self.end_stage1(num_updates)
+
+    def end_stage1(self, num_updates: int):
+        """Stage 2 from now on: the distilled router alone routes (by its token -> expert table where it has one).
+
+        Its parameters stop requiring a gradient at the next training forward, not here: fairseq calls
+        set_num_updates when it loads a checkpoint, before it rebuilds the optimizer and loads its state, and the
+        optimizer must hold the same parameters as when the checkpoint was written."""
+        self.distilled_router.fix_routing()
         self.stage.fill_(2)
+        self.stage2_start.fill_(num_updates)
+        self.stage2_began = num_updates
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        stage, start = state_dict.get(prefix + "stage"), prefix + "stage2_start"
+        if stage is not None and start not in state_dict:  # written before stage2_start was saved
+            state_dict[start] = torch.tensor(self.stage1_updates if int(stage) == 2 else -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.stage2_began = int(self.stage2_start) if int(self.stage) == 2 else None
 
     @torch.no_grad()
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
@@ -87,13 +113,17 @@ class StableMoERouting(nn.Module):
                 expert=a,
                 gate=gate,
                 losses=losses,
-                stats={"load": load, "distill_agree": (s_hat.detach().argmax(-1) == a).sum()},
+                stats={"load": load, "distill_agree": (s_hat.detach().argmax(-1) == a).sum(), "stage": self.stage},
                 counts=counts,
             )
+        if self.training and not self.distilled_router.frozen:
+            # no gradient, so no optimizer (momentum included) moves it; the optimizer already holds it
+            self.distilled_router.freeze()
         a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))  # (12, 13)
         # (14) differentiates s_{t,â_t} only; s (5) comes without autograd, for the logged agreement
         s_chosen, s = chosen_affinity(h, self.centroids, a_hat)
         gate = torch.sigmoid(s_chosen)  # (14)
         agree = (a_hat == s.argmax(-1)).sum()  # logged: how often the frozen router still picks (6)'s expert
         load, counts = load_and_counts(a_hat, self.num_experts, global_=self.training)
-        return Routing(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree}, counts=counts)
+        return Routing(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree, "stage": self.stage},
+                       counts=counts)

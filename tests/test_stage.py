@@ -1,0 +1,98 @@
+"""The stage is the routing's own: decided from fairseq's update count (set_num_updates), saved with the model,
+and safe in the order fairseq builds the optimizer, loads a checkpoint and passes the update count."""
+import pytest
+import torch
+from fairseq import optim
+
+import helpers
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return helpers.tiny_lm_data(tmp_path_factory.mktemp("stage"))
+
+
+def routing_of(model):
+    return model.moe_layers()[0].routing
+
+
+def test_the_update_count_decides_the_stage(data):
+    model = helpers.build_for_training(data, "--stage1-updates", "5")[2]
+    routing = routing_of(model)
+    model.set_num_updates(4)
+    assert not routing.in_stage2 and int(routing.stage) == 1 and int(routing.stage2_start) == -1
+    model.set_num_updates(5)
+    assert routing.in_stage2 and int(routing.stage) == 2 and int(routing.stage2_start) == 5
+    model.set_num_updates(9)
+    assert routing.stage2_began == 5  # entered once
+    table = routing.distilled_router.table.clone()
+    assert table.min() >= 0, "stage 2 routes by the token -> expert table"
+
+
+def test_stage1_can_end_at_an_update_decided_at_run_time(data):
+    routing = routing_of(helpers.build_for_training(data)[2])
+    routing.stage1_updates = None  # no fixed schedule: only end_stage1 ends stage 1
+    routing.set_num_updates(10 ** 6)
+    assert not routing.in_stage2
+    routing.end_stage1(7)
+    assert routing.in_stage2 and int(routing.stage2_start) == 7
+
+
+def test_loading_restores_the_saved_stage_whatever_the_update_count_said_before(data):
+    """fairseq calls set_num_updates(N) *before* load_state_dict: the checkpoint's stage wins, and loading never
+    changes which parameters require a gradient (the optimizer rebuilt after loading must match its saved state)."""
+    saved = helpers.build_for_training(data, "--stage1-updates", "3")[2]
+    saved.set_num_updates(3)
+    stage2_state = saved.state_dict()
+    stage1_state = helpers.build_for_training(data, "--stage1-updates", "3")[2].state_dict()
+
+    model = helpers.build_for_training(data, "--stage1-updates", "3")[2]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    model.set_num_updates(10)
+    model.load_state_dict(stage1_state)
+    assert not routing_of(model).in_stage2  # a stage-1 checkpoint saved at an update >= --stage1-updates
+    assert not routing_of(model).distilled_router.has_table
+    model.set_num_updates(0)
+    model.load_state_dict(stage2_state)
+    routing = routing_of(model)
+    assert routing.in_stage2 and routing.stage2_began == 3
+    assert torch.equal(routing.distilled_router.table, routing_of(saved).distilled_router.table)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+
+
+def test_checkpoint_without_stage2_start_loads(data):
+    """Checkpoints written before the start of stage 2 was saved: it was --stage1-updates."""
+    model = helpers.build_for_training(data, "--stage1-updates", "4")[2]
+    model.set_num_updates(4)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("stage2_start")}
+    fresh = helpers.build_for_training(data, "--stage1-updates", "4")[2]
+    fresh.load_state_dict(old)
+    assert routing_of(fresh).stage2_began == 4
+
+
+def test_router_frozen_after_the_optimizer_exists_never_moves(data):
+    """The optimizer holds the router from stage 1 (Adam moments included); from stage 2 on it gets no gradient,
+    even where fairseq's fp16 optimizer would hand every parameter that requires one a zero gradient."""
+    torch.manual_seed(0)
+    cfg, task, model, criterion = helpers.build_for_training(data, "--stage1-updates", "2", "--weight-decay", "0.1")
+    task.load_dataset("train")
+    dataset = task.dataset("train")
+    optimizer = optim.build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
+    router = routing_of(model).distilled_router
+    model.train()
+    frozen = None
+    for step in range(5):
+        sample = dataset.collater([dataset[i] for i in range(4 * step, 4 * step + 4)])
+        task.train_step(sample, model, criterion, optimizer, update_num=step)
+        for p in optimizer.params:  # what FP16Optimizer does for a parameter that requires a gradient
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 1:  # the last stage-1 update
+            frozen = {k: v.clone() for k, v in router.named_parameters()}
+        if step < 2:
+            assert router.embed.weight.requires_grad
+    assert not any(p.requires_grad for p in router.parameters())
+    for name, value in router.named_parameters():
+        assert torch.equal(value, frozen[name]), name
