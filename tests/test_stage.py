@@ -96,3 +96,50 @@ def test_router_frozen_after_the_optimizer_exists_never_moves(data):
     assert not any(p.requires_grad for p in router.parameters())
     for name, value in router.named_parameters():
         assert torch.equal(value, frozen[name]), name
+
+
+def test_layerdrop_that_skips_the_moe_layer_trains(data):
+    """--decoder-layerdrop 0.5: a batch whose forward skips the MoE layer reports no MoE aux (none of an earlier
+    batch's graph comes back), and its update goes through."""
+    torch.manual_seed(0)
+    cfg, task, model, criterion = helpers.build_for_training(data, "--decoder-layerdrop", "0.5")
+    task.load_dataset("train")
+    dataset = task.dataset("train")
+    optimizer = optim.build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
+    model.train()
+    routed = []
+    for step in range(8):
+        sample = dataset.collater([dataset[i] for i in range(4 * step, 4 * step + 4)])
+        loss, _, log = task.train_step(sample, model, criterion, optimizer, update_num=step)
+        optimizer.step()
+        optimizer.zero_grad()
+        routed.append(int(log["moe_tokens"]))
+        assert (log["moe_distill_loss"] != 0) == (routed[-1] > 0)
+    assert 0 in routed and any(routed), f"the seed must skip the MoE layer in some batches only: {routed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_copy_of_a_stage2_model_routes_by_the_saved_table(data, dtype):
+    """Inference after stage 2 routes by the integer token -> expert table saved with the model, not by the
+    router's weights: in fp16/bf16 two nearly equal scores would tie and send the token elsewhere."""
+    trained = helpers.build_for_training(data, "--stage1-updates", "3")[2]
+    router = routing_of(trained).distilled_router
+    token, one = 5, torch.zeros(router.centroids.size(1))
+    one[0] = 1.0
+    with torch.no_grad():
+        router.embed.weight[token] = one
+        router.centroids.zero_()
+        router.centroids[0] = one
+        router.centroids[1] = one * (1 + 2 ** -12)  # float32 tells them apart; fp16 and bf16 round both to 1
+    trained.set_num_updates(3)
+    assert int(router.table[token]) == 1
+
+    model = helpers.build_for_training(data, "--stage1-updates", "3")[2]  # as fairseq loads it for evaluation
+    model.load_state_dict(trained.state_dict())
+    model.to(dtype).eval()
+    chosen = []
+    routing_of(model).register_forward_hook(lambda m, i, out: chosen.append(out.expert))
+    tokens = torch.tensor([[token, 6, token, 7]])
+    with torch.no_grad():
+        model(tokens)
+    assert torch.equal(chosen[0], router.table[tokens[0]])

@@ -90,7 +90,7 @@ class StableMoETransformerModel(MoEModelMixin, TransformerModel):
                       for _ in range(getattr(args, f"{side}_moe_layers"))]
             place_moe_layers(stack.layers, layers, getattr(args, f"{side}_moe_position"))
         # fairseq takes attention alignment from layers[num_layers - 1]: keep that the last real block
-        blocks = [i for i, layer in enumerate(model.decoder.layers) if not isinstance(layer, MoELayer)]
+        blocks = [i for i, layer in enumerate(model.decoder.layers.children()) if not isinstance(layer, MoELayer)]
         model.decoder.num_layers = blocks[-1] + 1
         model.encoder.num_layers = len(model.encoder.layers)  # its checkpoint upgrade visits every entry
         return model

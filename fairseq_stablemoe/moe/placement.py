@@ -28,7 +28,8 @@ class StackForward:
 @contextlib.contextmanager
 def stack_forward(layers: nn.ModuleList, tokens: torch.Tensor):
     scope = StackForward(tokens)
-    placed = [layer for layer in layers if isinstance(layer, StackedMoELayer)]
+    # children(), not iteration: fairseq's LayerDropModuleList iterates a random subset
+    placed = [layer for layer in layers.children() if isinstance(layer, StackedMoELayer)]
     for layer in placed:
         layer.stack = scope
     try:
