@@ -1,5 +1,4 @@
 """MoE losses and routing statistics, summed over all MoE layers, for any task criterion."""
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict
@@ -86,13 +85,10 @@ class MoEAuxLossMixin:
 
     @staticmethod
     def reduce_moe_metrics(logging_outputs) -> None:
+        """The MoE keys only; loss, nll_loss and ppl are fairseq's criterion's own reduction."""
         def total(key):
             return utils.item(sum(log.get(key, 0) for log in logging_outputs))
 
-        ntokens, sample_size = total("ntokens"), total("sample_size")
-        metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
-        metrics.log_scalar("nll_loss", total("nll_loss") / sample_size / math.log(2), sample_size, round=3)
-        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
         routed, forwards = total("moe_tokens"), total("moe_forwards")
         if routed > 0:
             for key in [k for k in logging_outputs[0] if k.startswith("moe_") and k.endswith("_loss")]:

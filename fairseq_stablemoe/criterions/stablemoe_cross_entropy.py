@@ -2,6 +2,7 @@ from dataclasses import dataclass
 
 from fairseq.criterions import register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 
 from .moe_aux import MoEAuxLossConfig, MoEAuxLossMixin
 
@@ -29,6 +30,9 @@ class StableMoECrossEntropyCriterion(MoEAuxLossMixin, CrossEntropyCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
+        # our "loss" adds the MoE losses to the cross-entropy "nll_loss": fairseq's reduction of such a pair is
+        # label-smoothed CE's (nll_loss and ppl per token); with no MoE loss it logs what cross_entropy logs
+        LabelSmoothedCrossEntropyCriterion.reduce_metrics(logging_outputs)
         MoEAuxLossMixin.reduce_moe_metrics(logging_outputs)
 
     @staticmethod

@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from fairseq import metrics, utils
+from fairseq import utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
@@ -48,14 +48,10 @@ class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothed
             logging_output["moe_lang_expert"] = language_expert_counts(model, *languages, len(self.task.langs))
         return loss, sample_size, logging_output
 
-    @staticmethod
-    def reduce_metrics(logging_outputs) -> None:
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
         MoEAuxLossMixin.reduce_moe_metrics(logging_outputs)
-        total = utils.item(sum(log.get("total", 0) for log in logging_outputs))
-        if total > 0:
-            metrics.log_scalar("total", total)
-            metrics.log_scalar("n_correct", utils.item(sum(log.get("n_correct", 0) for log in logging_outputs)))
-            metrics.log_derived("accuracy", lambda m: round(m["n_correct"].sum * 100.0 / m["total"].sum, 3))
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
