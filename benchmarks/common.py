@@ -8,24 +8,12 @@ import subprocess
 import torch
 import torch.nn as nn
 
-from fairseq_stablemoe.moe import MoEConfig, build_moe_layer
+from fairseq_stablemoe.moe import MoEConfig, Vocabulary, build_moe_layer
 from fairseq_stablemoe.moe.experts import build_expert
 
 PAD = 1
 TOKENS_PER_ROW = 512  # tokens of a batch are B rows of this length (B x S ids, S x B x C states)
 IDS_PER_EXPERT = 8  # vocabulary = IDS_PER_EXPERT x N ids; the stage-2 table sends id v to expert v mod N
-
-
-class Dictionary:
-    def __init__(self, size):
-        self.size = size
-        self.count = [1] * size
-
-    def __len__(self):
-        return self.size
-
-    def pad(self):
-        return PAD
 
 
 def moe_config(experts: int, sublayers: int) -> MoEConfig:
@@ -44,7 +32,7 @@ def build_layer(experts, dim, ffn_dim, sublayers, stage):
     coordinate of h carries a large bump. Stage 2 routes by the frozen word-embedding router's table, which the
     benchmark sets to id -> id mod N.
     """
-    layer = build_moe_layer(moe_config(experts, sublayers), dim, ffn_dim, Dictionary(vocab_size(experts)))
+    layer = build_moe_layer(moe_config(experts, sublayers), dim, ffn_dim, Vocabulary(vocab_size(experts), PAD))
     with torch.no_grad():
         layer.routing.centroids.zero_()
         layer.routing.centroids[:, :experts].copy_(0.1 * torch.eye(experts))

@@ -10,7 +10,7 @@ from fairseq import options
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from fairseq_stablemoe.moe import ROUTINGS, expert_layout, parameter_counts
+from fairseq_stablemoe.moe import ROUTINGS, parameter_counts
 from fairseq_stablemoe.moe.routing import TokenView
 from fairseq_stablemoe.moe.routing.base_layer import BASERouting, balanced_assignment
 from fairseq_stablemoe.moe.routing.hash import HashRouting, balanced_hash
@@ -221,7 +221,7 @@ def test_dense_controls_reshape_the_moe_slot():
     layouts = {}
     for name in ["stablemoe"] + DENSE_CONTROLS:
         Cfg.moe_routing = name
-        layouts[name] = expert_layout(Cfg, 3072)
+        layouts[name] = ROUTINGS[name].expert_layout(Cfg, 3072)
     assert layouts == {"stablemoe": (32, 3072, 3), "dense": (1, 3072, 3), "dense_deeper": (1, 3072, 96),
                        "dense_wider": (1, 32 * 3072, 3)}
     assert set(MOE_ROUTINGS + DENSE_CONTROLS) <= set(ROUTINGS)

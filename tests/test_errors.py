@@ -10,7 +10,7 @@ from fairseq import optim
 
 import helpers
 from fairseq_stablemoe.checkpoints import CheckpointError, prepare_resume
-from fairseq_stablemoe.moe import MoEConfig, validate_moe_config
+from fairseq_stablemoe.moe import MoEConfig, Vocabulary, validate_moe_config
 from fairseq_stablemoe.tasks.stage import check_optimizer, check_resumed_stage, staged_routings
 
 DOC = os.path.join(helpers.ROOT, "docs", "errors.md")
@@ -315,7 +315,7 @@ def test_balanced_hash_without_token_counts():
     from fairseq_stablemoe.moe.routing.hash import HashRouting
 
     with pytest.raises(ValueError) as err:
-        HashRouting.build(moe_config(moe_routing="hash"), 32, 48, 1, token_counts=None)
+        HashRouting.build(moe_config(moe_routing="hash"), 32, Vocabulary(48, 1))
     assert str(err.value) == MESSAGES["hash-counts"]
 
 

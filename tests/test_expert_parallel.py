@@ -12,7 +12,7 @@ from fairseq import utils
 from fairseq.data import Dictionary
 from fairseq.distributed import LegacyDistributedDataParallel
 
-from fairseq_stablemoe.moe import ExpertParallelDispatcher, MoEConfig, build_moe_layer
+from fairseq_stablemoe.moe import ExpertParallelDispatcher, MoEConfig, Vocabulary, build_moe_layer
 from fairseq_stablemoe.moe.expert_parallel import check_trainer_setup, expert_parallel_world, gather_experts
 
 WORLD, EXPERTS, DIM, SEQ, BSZ = 2, 4, 8, 5, 3
@@ -27,17 +27,17 @@ def moe_cfg(**overrides):
     return cfg
 
 
-def dictionary():
+def vocabulary():
     d = Dictionary()
     for i in range(12):
         d.add_symbol(f"w{i}")
-    return d
+    return Vocabulary.of(d)
 
 
 def build_layer(table=None):
     """Same seed => same weights; `table` (token id -> expert) puts the layer in stage 2 with fixed routing."""
     torch.manual_seed(0)
-    layer = build_moe_layer(moe_cfg(), DIM, 16, dictionary())
+    layer = build_moe_layer(moe_cfg(), DIM, 16, vocabulary())
     if table is not None:
         layer.routing.end_stage1(0)
         layer.routing.distilled_router.table.copy_(table)
@@ -65,7 +65,7 @@ def batches(case):
     """Per-rank token batches (B x T) and hidden states (T x B x C); and the routing table if fixed."""
     g = torch.Generator().manual_seed(1)
     x = [torch.randn(SEQ, BSZ, DIM, generator=g) for _ in range(WORLD)]
-    pad = dictionary().pad()
+    pad = vocabulary().padding_idx
     if case == "learned":  # stage 1, routed by the centroids, balance and distillation losses
         return [torch.randint(4, 16, (BSZ, SEQ), generator=g) for _ in range(WORLD)], x, None
     table = torch.tensor([0] * 4 + [0, 1, 3, 0, 1, 3, 0, 0, 0, 0, 0, 0])  # nothing ever goes to expert 2
@@ -136,7 +136,7 @@ def check_checkpoint_gather(rank, layer, ref):
         assert set(state) == set(ref["state"])
         for name, value in ref["state"].items():
             torch.testing.assert_close(state[name], value, rtol=0, atol=0)
-    fresh = build_moe_layer(moe_cfg(), DIM, 16, dictionary())  # other weights
+    fresh = build_moe_layer(moe_cfg(), DIM, 16, vocabulary())  # other weights
     fresh.load_state_dict(ref["state"])  # all four experts in the file; it keeps its two
     for name, p in fresh.named_parameters():
         torch.testing.assert_close(p.detach(), ref["state"][name], rtol=0, atol=0)
@@ -146,7 +146,7 @@ def check_expert_gradients_not_averaged(rank):
     """legacy_ddp averages shared gradients and leaves expert ones alone; the clip norm agrees on all ranks."""
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"shared": torch.nn.Linear(DIM, DIM),
-                                 "moe": build_moe_layer(moe_cfg(), DIM, 16, dictionary())})
+                                 "moe": build_moe_layer(moe_cfg(), DIM, 16, vocabulary())})
     with pytest.raises(ValueError, match="--ddp-backend legacy_ddp"):
         check_trainer_setup(model, optimizer=None)  # e.g. c10d would average the different experts
     ddp = LegacyDistributedDataParallel(model, process_group=dist.group.WORLD)
@@ -176,7 +176,7 @@ def check_placement_choices(rank):
     assert expert_parallel_world(moe_cfg(), num_experts=1) == 1  # a dense control's one FFN stack is shared
     with pytest.raises(ValueError, match="--moe-expert-parallel"):
         expert_parallel_world(moe_cfg(moe_experts=3, moe_expert_parallel="on"))
-    replicated = build_moe_layer(moe_cfg(moe_expert_parallel="off"), DIM, 16, dictionary())
+    replicated = build_moe_layer(moe_cfg(moe_expert_parallel="off"), DIM, 16, vocabulary())
     assert len(replicated.experts) == EXPERTS
     assert not any(hasattr(p, "expert") for p in replicated.parameters())
 

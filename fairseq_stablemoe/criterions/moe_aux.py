@@ -66,7 +66,7 @@ class MoEAuxLossMixin:
     def add_moe_losses(self, model, net_output, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
         aux = collect_moe_aux(net_output)
         loss = task_loss
-        produced = {name for layer in moe_layers(model) for name in getattr(layer.routing, "loss_names", ())}
+        produced = {name for layer in moe_layers(model) for name in layer.routing.loss_names}
         for name, factor in self.aux_factors.items():
             if name not in produced:
                 continue

@@ -7,7 +7,6 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 
-from .expert_usage import language_expert_counts, record_routing
 from .moe_aux import MoEAuxLossConfig, MoEAuxLossMixin
 
 
@@ -18,11 +17,8 @@ class StableMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterio
 
 @register_criterion("stablemoe_label_smoothed_cross_entropy", dataclass=StableMoELabelSmoothedCrossEntropyConfig)
 class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothedCrossEntropyCriterion):
-    """Label-smoothed CE + α·L_bal + β·L_dis (+ the baselines' losses), every term a token sum normalised by fairseq's sample size.
-
-    At validation, under a task that knows each sentence's language, it also counts the tokens each expert takes
-    per language (the task logs them: lang_experts_enc/dec, each language's top experts; lang_overlap_enc/dec).
-    """
+    """Label-smoothed CE + α·L_bal + β·L_dis (+ the baselines' losses), every term a token sum normalised by
+    fairseq's sample size."""
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
                  balance_factor=0.3, distill_factor=0.3, switch_loss_factor=0.01):
@@ -30,11 +26,6 @@ class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothed
         self.set_aux_factors(balance=balance_factor, distill=distill_factor, switch=switch_loss_factor)
 
     def forward(self, model, sample, reduce=True):
-        languages = None
-        if not model.training and hasattr(self.task, "sentence_languages"):
-            languages = self.task.sentence_languages(sample)
-            if languages is not None:
-                record_routing(model)
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size, logging_output = self.sample_size_and_log(sample)
@@ -44,8 +35,6 @@ class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothed
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = utils.item(n_correct.data)
             logging_output["total"] = utils.item(total.data)
-        if languages is not None:
-            logging_output["moe_lang_expert"] = language_expert_counts(model, *languages, len(self.task.langs))
         return loss, sample_size, logging_output
 
     @classmethod

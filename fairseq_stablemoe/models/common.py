@@ -1,5 +1,4 @@
-"""What every StableMoE model shares: its MoE layers, the task it trains under, checkpoint checks."""
-from itertools import chain
+"""What every StableMoE model shares: its MoE layers and the task it trains under."""
 from typing import List
 
 from ..moe import MoELayer, moe_layers
@@ -21,17 +20,3 @@ class MoEModelMixin:
                 "(LM) or --task stablemoe_translation_multi_simple_epoch (translation). Evaluation works under "
                 "any task.")
         return super().forward(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        # named tensors, not state_dict(): under expert parallelism that one gathers other ranks' experts
-        for name, param in chain(self.named_parameters(), self.named_buffers()):
-            # token-id tables: the distilled router's embedding, the hash routing's table
-            if name.endswith(("distilled_router.embed.weight", "routing.table")) and name in state_dict:
-                saved = state_dict[name].shape[0]
-                if saved != param.shape[0]:
-                    raise ValueError(
-                        f"the checkpoint's {'distilled router' if 'distilled_router' in name else 'hash table'} "
-                        f"covers {saved} token ids but this model's dictionary "
-                        f"has {param.shape[0]}: evaluate with the dictionary the model was trained with "
-                        f"(the data directory passed to fairseq-train)")
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)

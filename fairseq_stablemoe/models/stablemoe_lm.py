@@ -11,7 +11,8 @@ from fairseq.models.transformer_lm import (
 from fairseq.utils import safe_getattr
 
 from ..moe import (
-    DecoderMoELayer, FeedsDecoderTokenIds, MoEConfig, build_moe_layer, place_moe_layers, validate_moe_config,
+    DecoderMoELayer, FeedsDecoderTokenIds, MoEConfig, Vocabulary, build_moe_layer, place_moe_layers,
+    validate_moe_config,
 )
 from .common import MoEModelMixin
 
@@ -27,7 +28,7 @@ class StableMoELMDecoder(FeedsDecoderTokenIds, TransformerDecoder):
     def __init__(self, args, dictionary, embed_tokens):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=True)
         layers = [
-            build_moe_layer(args, args.decoder_embed_dim, args.decoder_ffn_embed_dim, dictionary,
+            build_moe_layer(args, args.decoder_embed_dim, args.decoder_ffn_embed_dim, Vocabulary.of(dictionary),
                             args.activation_fn, DecoderMoELayer)
             for _ in range(args.moe_layers)
         ]

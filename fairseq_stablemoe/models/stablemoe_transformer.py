@@ -16,7 +16,7 @@ from fairseq.utils import safe_getattr
 
 from ..moe import (
     DecoderMoELayer, EncoderMoELayer, FeedsDecoderTokenIds, FeedsEncoderTokenIds, MoEConfig, MoELayer,
-    build_moe_layer, place_moe_layers, validate_moe_config,
+    Vocabulary, build_moe_layer, place_moe_layers, validate_moe_config,
 )
 from ..moe.config import MOE_POSITIONS
 from .common import MoEModelMixin
@@ -86,7 +86,7 @@ class StableMoETransformerModel(MoEModelMixin, TransformerModel):
                 ("encoder", model.encoder, task.source_dictionary, EncoderMoELayer),
                 ("decoder", model.decoder, task.target_dictionary, DecoderMoELayer)):
             dim, ffn_dim = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_ffn_embed_dim")
-            layers = [build_moe_layer(args, dim, ffn_dim, dictionary, args.activation_fn, layer_cls)
+            layers = [build_moe_layer(args, dim, ffn_dim, Vocabulary.of(dictionary), args.activation_fn, layer_cls)
                       for _ in range(getattr(args, f"{side}_moe_layers"))]
             place_moe_layers(stack.layers, layers, getattr(args, f"{side}_moe_position"))
         # fairseq takes attention alignment from layers[num_layers - 1]: keep that the last real block

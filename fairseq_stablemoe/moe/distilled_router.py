@@ -36,10 +36,11 @@ class DistilledRouter(nn.Module):
         return self.embed(tokens)
 
     def forward(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
-        """ŝ (B x last x N) for the `last` newest positions of `tokens` (B x S), in float32 under any autocast."""
+        """ŝ (B x last x N) for the `last` newest positions of `tokens` (B x S), in at least float32 under any
+        autocast (float64 in a float64 model)."""
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            h = self.features(tokens)[:, -last:].float()
-            return F.linear(h, self.centroids.float())
+            dtype = torch.promote_types(self.centroids.dtype, torch.float32)
+            return F.linear(self.features(tokens)[:, -last:].to(dtype), self.centroids.to(dtype))
 
     @torch.no_grad()
     def route(self, tokens: torch.Tensor, last: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ from fairseq.data.multilingual.multilingual_utils import get_lang_tok
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
-from ..criterions.expert_usage import log_language_usage
+from ..moe import moe_layers
+from .expert_usage import language_expert_counts, log_language_usage, routing_decisions
 from .routing_probes import add_routing_probe_args
 from .stage import StageSwitchingTask
 
@@ -20,6 +21,8 @@ class StableMoETranslationMultiSimpleEpochTask(StageSwitchingTask, TranslationMu
     def add_args(parser):
         TranslationMultiSimpleEpochTask.add_args(parser)
         add_routing_probe_args(parser)
+
+    _lang_tables = None  # (source, target) token id -> language index, built at the first validation batch
 
     def _language_of_token(self, dictionary) -> torch.Tensor:
         """Token id -> index in self.langs for the language tags (`__de__`), -1 for every other token."""
@@ -36,7 +39,7 @@ class StableMoETranslationMultiSimpleEpochTask(StageSwitchingTask, TranslationMu
         enc_spec, dec_spec = self.args.langtoks["main"]
         src = sample["net_input"]["src_tokens"]
         prev = sample["net_input"].get("prev_output_tokens")
-        if not hasattr(self, "_lang_tables"):
+        if self._lang_tables is None:
             self._lang_tables = (self._language_of_token(self.source_dictionary),
                                  self._language_of_token(self.target_dictionary))
         src_table, tgt_table = (t.to(src.device) for t in self._lang_tables)
@@ -48,6 +51,17 @@ class StableMoETranslationMultiSimpleEpochTask(StageSwitchingTask, TranslationMu
         if src_lang.lt(0).all() and tgt_lang.lt(0).all():
             return None
         return src_lang, tgt_lang
+
+    def valid_step(self, sample, model, criterion):
+        """fairseq's, and the tokens each expert takes per language (when the batch has language tags)."""
+        languages = self.sentence_languages(sample)
+        if languages is None:
+            return super().valid_step(sample, model, criterion)
+        with routing_decisions(model) as decisions:
+            loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        num_experts = max(layer.num_experts for layer in moe_layers(model))
+        logging_output["moe_lang_expert"] = language_expert_counts(decisions, *languages, len(self.langs), num_experts)
+        return loss, sample_size, logging_output
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)

@@ -5,6 +5,7 @@ import torch.distributed as dist
 from fairseq import metrics
 
 from ..checkpoints import prepare_resume
+from ..criterions.moe_aux import MoEAuxLossMixin
 from ..moe import moe_layers, parameter_counts
 from ..moe.expert_parallel import (
     check_trainer_setup,
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def staged_routings(model):
-    return [layer.routing for layer in moe_layers(model) if getattr(layer.routing, "staged", False)]
+    return [layer.routing for layer in moe_layers(model) if layer.routing.staged]
 
 
 def advance_stages(model, update_num: int, first_step: bool) -> int:
@@ -129,8 +130,6 @@ class StageSwitchingTask:
             prepare_resume(save_dir, self._training_option("restore_file", "checkpoint_last.pt"))
 
     def build_criterion(self, cfg, *args, **kwargs):
-        from ..criterions.moe_aux import MoEAuxLossMixin
-
         criterion = super().build_criterion(cfg, *args, **kwargs)
         if not isinstance(criterion, MoEAuxLossMixin):
             raise ValueError(

@@ -1,8 +1,10 @@
-"""What every routing strategy returns, and the token ids it may route by."""
+"""The routing contract (RoutingStrategy, with its defaults), what a routing returns, and the token ids it may
+route by."""
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..comm import all_reduce_sum
@@ -15,6 +17,73 @@ class Routing:
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)  # token sums, weighted by the criterion
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)  # token sums, for logging
     counts: Optional[torch.Tensor] = None  # (N,) this rank's tokens per expert, if the routing counted them
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What routing by token id needs of a fairseq Dictionary: its size, pad id and (for frequency-balanced
+    tables) the training data's count of each id."""
+
+    size: int
+    padding_idx: int
+    counts: Optional[Sequence[int]] = None
+
+    @classmethod
+    def of(cls, dictionary) -> "Vocabulary":
+        return cls(len(dictionary), dictionary.pad(), list(dictionary.count))
+
+
+class RoutingStrategy(nn.Module):
+    """Decides, for n hidden states, each one's expert and gate. Everything the MoE layer, the models, the task
+    and the criteria may ask of a routing is declared here, with the default of a plain learned routing."""
+
+    loss_names: ClassVar[Tuple[str, ...]] = ()  # what forward() may put in Routing.losses (the criterion weights)
+    dense: ClassVar[bool] = False  # a dense control: its one "expert" counts as shared parameters
+    staged: ClassVar[bool] = False  # has stages 1 and 2 (stage1_updates, in_stage2, end_stage1)
+    # state whose first dimension is the token vocabulary -> what it is called in the error for another dictionary
+    vocab_tables: ClassVar[Dict[str, str]] = {}
+    stage1_updates: Optional[int] = None
+    stage2_began: Optional[int] = None  # the update stage 2 began at; None in stage 1 and for unstaged routings
+
+    @classmethod
+    def expert_layout(cls, cfg, ffn_dim: int) -> Tuple[int, int, int]:
+        """(experts, expert FFN inner size, sublayers per expert) of the layer this routing drives."""
+        return cfg.moe_experts, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_sublayers
+
+    @classmethod
+    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "RoutingStrategy":
+        raise NotImplementedError
+
+    def forward(self, h: torch.Tensor, tokens: "TokenView") -> Routing:
+        raise NotImplementedError
+
+    def decide(self, h: torch.Tensor, tokens: "TokenView") -> torch.Tensor:
+        """The expert each of h's rows would train with now, with no side effect (routing probes)."""
+        raise NotImplementedError
+
+    @property
+    def in_stage2(self) -> bool:
+        return self.stage2_began is not None
+
+    def end_stage1(self, num_updates: int):
+        raise TypeError(f"{type(self).__name__} has no stages")
+
+    def set_num_updates(self, num_updates: int):
+        """fairseq passes its update count to every module, before each training step and on loading."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, what in self.vocab_tables.items():
+            saved, own = state_dict.get(prefix + name), self.get_parameter_or_buffer(name)
+            if saved is not None and saved.shape[0] != own.shape[0]:
+                raise ValueError(
+                    f"the checkpoint's {what} covers {saved.shape[0]} token ids but this model's dictionary "
+                    f"has {own.shape[0]}: evaluate with the dictionary the model was trained with "
+                    f"(the data directory passed to fairseq-train)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def get_parameter_or_buffer(self, name: str) -> torch.Tensor:
+        module, _, leaf = name.rpartition(".")
+        return getattr(self.get_submodule(module) if module else self, leaf)
 
 
 class TokenView:
@@ -35,13 +104,23 @@ class TokenView:
     def ids(self) -> torch.Tensor:
         return self.select(self.tokens[:, -self.last:])
 
+    def sentences(self) -> torch.Tensor:
+        """(n,) the batch row (sentence) of each routed hidden state."""
+        rows = torch.arange(self.tokens.size(0), device=self.tokens.device)
+        return self.select(rows[:, None].expand(-1, self.last))
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Routing precision: float32 for fp16/bf16 (and under autocast), float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
 
 def affinities(h: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """s_{t,i} = E_iᵀ h_t, always in float32 so mixed precision cannot change a routing decision, and always
+    """s_{t,i} = E_iᵀ h_t, in at least float32 so mixed precision cannot change a routing decision, and always
     finite: NaN counts as 0 and ±inf as the largest float, so a token whose hidden state overflowed still
     gets a valid expert and a finite gate (its gradient through the replaced entries is 0)."""
     with torch.autocast(device_type=h.device.type, enabled=False):
-        return torch.nan_to_num(F.linear(h.float(), centroids.float()), nan=0.0)
+        return torch.nan_to_num(F.linear(at_least_float32(h), at_least_float32(centroids)), nan=0.0)
 
 
 GATHER_FROM_EXPERTS = 16  # see _ChosenAffinity.backward
@@ -77,10 +156,10 @@ class _ChosenAffinity(torch.autograd.Function):
 
 
 def chosen_affinity(h: torch.Tensor, centroids: torch.Tensor, expert: torch.Tensor):
-    """(affinities(h, centroids)[t, expert[t]], affinities(h, centroids) without gradient): the same float32 and
+    """(affinities(h, centroids)[t, expert[t]], affinities(h, centroids) without gradient): the same precision and
     finiteness rules, and the backward of the chosen entries only."""
     with torch.autocast(device_type=h.device.type, enabled=False):
-        chosen, s = _ChosenAffinity.apply(h.float(), centroids.float(), expert)
+        chosen, s = _ChosenAffinity.apply(at_least_float32(h), at_least_float32(centroids), expert)
         return torch.nan_to_num(chosen, nan=0.0), torch.nan_to_num(s, nan=0.0)
 
 

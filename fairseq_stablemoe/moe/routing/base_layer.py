@@ -10,7 +10,7 @@ assignment), so the whole batch is balanced too.
 import torch
 import torch.nn as nn
 
-from .base import Routing, TokenView, affinities, expert_load
+from .base import Routing, RoutingStrategy, TokenView, Vocabulary, affinities, expert_load
 
 _libbase = None
 
@@ -55,7 +55,7 @@ def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
     return expert[:n]
 
 
-class BASERouting(nn.Module):
+class BASERouting(RoutingStrategy):
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
         self.num_experts = num_experts
@@ -63,7 +63,7 @@ class BASERouting(nn.Module):
         nn.init.orthogonal_(self.centroids, gain=0.1)
 
     @classmethod
-    def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int) -> "BASERouting":
+    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "BASERouting":
         return cls(dim, cfg.moe_experts)
 
     @torch.no_grad()

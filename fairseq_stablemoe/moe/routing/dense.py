@@ -7,21 +7,19 @@
 The layer then holds one "expert" whose parameters count as shared, not expert, parameters.
 """
 import torch
-import torch.nn as nn
 
-from .base import Routing, TokenView
+from .base import Routing, RoutingStrategy, TokenView, Vocabulary
 
 
-class DenseRouting(nn.Module):
+class DenseRouting(RoutingStrategy):
     dense = True
 
     @classmethod
     def expert_layout(cls, cfg, ffn_dim: int):
-        """(experts, FFN inner size, sublayers) of the layer this routing drives."""
         return 1, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_sublayers
 
     @classmethod
-    def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int) -> "DenseRouting":
+    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "DenseRouting":
         return cls()
 
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:

@@ -7,12 +7,11 @@ fewest tokens so far. `random`: a seeded uniform map. Either way the table is a 
 carries it and evaluation routes exactly as training did.
 """
 import heapq
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn as nn
 
-from .base import Routing, TokenView, expert_load
+from .base import Routing, RoutingStrategy, TokenView, Vocabulary, expert_load
 
 
 def balanced_hash(token_counts: Sequence[int], num_experts: int) -> torch.Tensor:
@@ -29,9 +28,8 @@ def random_hash(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
     return torch.randint(num_experts, (vocab_size,), generator=torch.Generator().manual_seed(seed))
 
 
-class HashRouting(nn.Module):
-    # build() gets the dictionary's token counts (see build_routing)
-    routes_by_token_frequency = True
+class HashRouting(RoutingStrategy):
+    vocab_tables = {"table": "hash table"}
 
     def __init__(self, table: torch.Tensor, num_experts: int):
         super().__init__()
@@ -39,8 +37,8 @@ class HashRouting(nn.Module):
         self.register_buffer("table", table)
 
     @classmethod
-    def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int,
-              token_counts: Optional[Sequence[int]] = None) -> "HashRouting":
+    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "HashRouting":
+        vocab_size, token_counts = vocab.size, vocab.counts
         if str(cfg.hash_type) == "random":
             return cls(random_hash(vocab_size, cfg.moe_experts, getattr(cfg, "seed", 1)), cfg.moe_experts)
         if token_counts is None or len(token_counts) != vocab_size:

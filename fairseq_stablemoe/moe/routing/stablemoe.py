@@ -24,24 +24,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distilled_router import DISTILLED_ROUTERS, DistilledRouter
-from .base import Routing, TokenView, affinities, chosen_affinity, expert_load, load_and_counts
+from .base import Routing, RoutingStrategy, TokenView, Vocabulary, affinities, chosen_affinity, load_and_counts
 from .base_layer import balanced_assignment
 
 
 def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Eq. 8 without α: the load term is a constant, so only σ(s_{t,a_t}) of tokens in A_i get a gradient."""
-    load = load.float()
+    load = load.to(gate.dtype)
     n_bar = load.sum() / load.numel()
     overload = (load - n_bar) / n_bar.clamp(min=1e-9)  # an empty batch has load 0 everywhere
-    return (overload[expert].to(gate.dtype) * gate).sum()
+    return (overload[expert] * gate).sum()
 
 
-class StableMoERouting(nn.Module):
+class StableMoERouting(RoutingStrategy):
     """The stage is this routing's own: 1 or 2, decided from the update count fairseq passes to every module
     (`set_num_updates`, before each training step and when a checkpoint is loaded), saved with the model."""
 
-    loss_names = ("balance", "distill")  # what it may put in Routing.losses
+    loss_names = ("balance", "distill")
     staged = True
+    vocab_tables = {"distilled_router.embed.weight": "distilled router"}
 
     def __init__(self, dim: int, num_experts: int, distilled_router: DistilledRouter,
                  stage1_updates: Optional[int], stage1_assignment: str = "greedy"):
@@ -55,17 +56,13 @@ class StableMoERouting(nn.Module):
         # saved with the model: the stage a checkpoint was written in, and the update stage 2 began at (-1: not yet)
         self.register_buffer("stage", torch.tensor(1))
         self.register_buffer("stage2_start", torch.tensor(-1))
-        self.stage2_began: Optional[int] = None  # the buffers' value on the host: read every forward, never synced
+        self.stage2_began = None  # the buffers' value on the host: read every forward, never synced
 
     @classmethod
-    def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int) -> "StableMoERouting":
+    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "StableMoERouting":
         router = DISTILLED_ROUTERS[str(cfg.distilled_router)](
-            vocab_size, cfg.moe_experts, cfg.distilled_dim, padding_idx)
+            vocab.size, cfg.moe_experts, cfg.distilled_dim, vocab.padding_idx)
         return cls(dim, cfg.moe_experts, router, cfg.stage1_updates, str(cfg.stage1_assignment))
-
-    @property
-    def in_stage2(self) -> bool:
-        return self.stage2_began is not None
 
     def set_num_updates(self, num_updates: int):
         """fairseq's update count: stage 1 ends once `num_updates` updates are done (--stage1-updates)."""

@@ -9,18 +9,18 @@ Capacity (--capacity-factor) is the layer's job.
 import torch
 import torch.nn as nn
 
-from .base import Routing, TokenView, affinities, expert_load
+from .base import Routing, RoutingStrategy, TokenView, Vocabulary, affinities, expert_load
 
 
 def switch_loss(probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
     """N · Σ_i f_i · Σ_t p_{t,i}: a token sum, so the criterion's division by the batch's token count makes
     it N · Σ_i f_i · P_i. `load` is the whole batch's (all ranks'); each rank sums its own p_{t,i}, and
     fairseq sums the ranks' gradients, so P_i is the whole batch's mean too. f_i is a count: no gradient."""
-    f = load.float() / load.sum().clamp(min=1)
-    return probs.size(1) * (probs.sum(0) * f.to(probs.dtype)).sum()
+    f = load.to(probs.dtype) / load.sum().clamp(min=1)
+    return probs.size(1) * (probs.sum(0) * f).sum()
 
 
-class SwitchRouting(nn.Module):
+class SwitchRouting(RoutingStrategy):
     loss_names = ("switch",)  # what it may put in Routing.losses
 
     def __init__(self, dim: int, num_experts: int):
@@ -30,7 +30,7 @@ class SwitchRouting(nn.Module):
         nn.init.orthogonal_(self.centroids, gain=0.1)
 
     @classmethod
-    def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int) -> "SwitchRouting":
+    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "SwitchRouting":
         return cls(dim, cfg.moe_experts)
 
     @torch.no_grad()

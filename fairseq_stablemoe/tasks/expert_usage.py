@@ -1,48 +1,48 @@
 """Which languages use which experts: per-(language, expert) token counts, summable over batches and ranks.
 
 Encoder MoE layers count a token under its sentence's source language, decoder MoE layers under the target
-language. The counts come from each layer's last routing decision, recorded by a forward hook on its routing.
+language. The translation task records each layer's routing decisions for the duration of one validation step.
 """
-from typing import List, Optional
+import contextlib
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq import metrics
 
-from ..moe import EncoderMoELayer, moe_layers
+from ..moe import EncoderMoELayer, MoELayer, moe_layers
 
 ENCODER, DECODER = 0, 1
 
 
-def _record_routing(routing, args, output):
-    tokens = args[1]
-    rows = tokens.index if tokens.index is not None else torch.arange(
-        tokens.last * tokens.tokens.size(0), device=output.expert.device)
-    routing.last_decision = (output.expert, rows % tokens.tokens.size(0))  # expert and sentence of each token
+@contextlib.contextmanager
+def routing_decisions(model):
+    """Within the block: {MoE layer: [(expert, sentence) of each routed token, per forward]}."""
+    decisions: Dict[MoELayer, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def record(layer):
+        return lambda routing, args, out: decisions.setdefault(layer, []).append((out.expert, args[1].sentences()))
+
+    handles = [layer.routing.register_forward_hook(record(layer)) for layer in moe_layers(model)]
+    try:
+        yield decisions
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def record_routing(model):
-    """Install the recording hooks once per model."""
-    for layer in moe_layers(model):
-        if not hasattr(layer.routing, "last_decision"):
-            layer.routing.last_decision = None
-            layer.routing.register_forward_hook(_record_routing)
-
-
-def language_expert_counts(model, src_lang: torch.Tensor, tgt_lang: torch.Tensor, num_langs: int) -> torch.Tensor:
-    """2 x languages x experts token counts of the last forward; row 0: encoder layers, row 1: decoder layers."""
-    layers = list(moe_layers(model))
-    counts = torch.zeros(2, num_langs, max(layer.num_experts for layer in layers), dtype=torch.long)
-    for layer in layers:
-        if layer.routing.last_decision is None:
-            continue
-        expert, sentence = layer.routing.last_decision
+def language_expert_counts(decisions, src_lang: torch.Tensor, tgt_lang: torch.Tensor, num_langs: int,
+                           num_experts: int) -> torch.Tensor:
+    """2 x languages x experts token counts; row 0: encoder layers, row 1: decoder layers."""
+    counts = torch.zeros(2, num_langs, num_experts, dtype=torch.long)
+    for layer, forwards in decisions.items():
         side = ENCODER if isinstance(layer, EncoderMoELayer) else DECODER
-        lang = (src_lang if side == ENCODER else tgt_lang).to(sentence.device)[sentence]
-        keep = lang >= 0
-        counts[side].index_put_((lang[keep].cpu(), expert[keep].cpu()),
-                                torch.ones((), dtype=torch.long), accumulate=True)
-        layer.routing.last_decision = None
+        for expert, sentence in forwards:
+            lang = (src_lang if side == ENCODER else tgt_lang).to(sentence.device)[sentence]
+            keep = lang >= 0
+            counts[side].index_put_((lang[keep].cpu(), expert[keep].cpu()),
+                                    torch.ones((), dtype=torch.long), accumulate=True)
     return counts
+
 
 
 def usage_summary(counts: torch.Tensor, langs: List[str], top: int = 2) -> str:
