@@ -56,12 +56,20 @@ class MoEAuxLossMixin:
                 raise ValueError(f"{flag} must be >= 0 (got {factor}); 0 switches the {name} loss off")
         self.aux_factors = dict(factors)
 
-    def sample_size_and_log(self, sample):
-        """fairseq's sample size (sentences or tokens) and the logging output every criterion starts from."""
+    def forward(self, model, sample, reduce=True):
+        """fairseq's criterion's loss (its compute_loss: loss, nll_loss) plus the weighted MoE losses."""
+        net_output = model(**sample["net_input"])
+        task_loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        return sample_size, {
-            "ntokens": sample["ntokens"], "nsentences": sample["target"].size(0), "sample_size": sample_size,
-        }
+        logging_output = {"ntokens": sample["ntokens"], "nsentences": sample["target"].size(0),
+                          "sample_size": sample_size}
+        loss = self.add_moe_losses(model, net_output, task_loss, logging_output)
+        logging_output["nll_loss"] = nll_loss.data
+        self.log_task_metrics(model, net_output, sample, logging_output)
+        return loss, sample_size, logging_output
+
+    def log_task_metrics(self, model, net_output, sample, logging_output: dict):
+        """What fairseq's criterion logs besides its losses (e.g. accuracy)."""
 
     def add_moe_losses(self, model, net_output, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
         aux = collect_moe_aux(net_output)
@@ -79,7 +87,6 @@ class MoEAuxLossMixin:
         for key, value in aux.items():
             if not key.endswith("_loss"):
                 logging_output[f"moe_{key}"] = value
-        logging_output["nll_loss"] = task_loss.data
         logging_output["loss"] = loss.data
         return loss
 

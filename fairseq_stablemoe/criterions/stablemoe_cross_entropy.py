@@ -21,13 +21,6 @@ class StableMoECrossEntropyCriterion(MoEAuxLossMixin, CrossEntropyCriterion):
         super().__init__(task, sentence_avg)
         self.set_aux_factors(balance=balance_factor, distill=distill_factor, switch=switch_loss_factor)
 
-    def forward(self, model, sample, reduce=True):
-        net_output = model(**sample["net_input"])
-        nll_loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size, logging_output = self.sample_size_and_log(sample)
-        loss = self.add_moe_losses(model, net_output, nll_loss, logging_output)
-        return loss, sample_size, logging_output
-
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         # our "loss" adds the MoE losses to the cross-entropy "nll_loss": fairseq's reduction of such a pair is

@@ -25,17 +25,11 @@ class StableMoELabelSmoothedCrossEntropyCriterion(MoEAuxLossMixin, LabelSmoothed
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.set_aux_factors(balance=balance_factor, distill=distill_factor, switch=switch_loss_factor)
 
-    def forward(self, model, sample, reduce=True):
-        net_output = model(**sample["net_input"])
-        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size, logging_output = self.sample_size_and_log(sample)
-        loss = self.add_moe_losses(model, net_output, loss, logging_output)
-        logging_output["nll_loss"] = nll_loss.data
+    def log_task_metrics(self, model, net_output, sample, logging_output):
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = utils.item(n_correct.data)
             logging_output["total"] = utils.item(total.data)
-        return loss, sample_size, logging_output
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -86,6 +86,20 @@ class RoutingStrategy(nn.Module):
         return getattr(self.get_submodule(module) if module else self, leaf)
 
 
+class CentroidRouting(RoutingStrategy):
+    """Routes by the affinities s = E·h of the hidden states to N learned expert centroids E."""
+
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.centroids = nn.Parameter(torch.empty(num_experts, dim))  # E
+        nn.init.orthogonal_(self.centroids, gain=0.1)
+
+    @classmethod
+    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "CentroidRouting":
+        return cls(dim, cfg.moe_experts)
+
+
 class TokenView:
     """The token ids behind the n hidden states being routed.
 

@@ -8,9 +8,8 @@ With several data-parallel ranks each rank balances its own batch (all experts a
 assignment), so the whole batch is balanced too.
 """
 import torch
-import torch.nn as nn
 
-from .base import Routing, RoutingStrategy, TokenView, Vocabulary, affinities, expert_load
+from .base import CentroidRouting, Routing, TokenView, affinities, expert_load
 
 _libbase = None
 
@@ -55,17 +54,7 @@ def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
     return expert[:n]
 
 
-class BASERouting(RoutingStrategy):
-    def __init__(self, dim: int, num_experts: int):
-        super().__init__()
-        self.num_experts = num_experts
-        self.centroids = nn.Parameter(torch.empty(num_experts, dim))  # E
-        nn.init.orthogonal_(self.centroids, gain=0.1)
-
-    @classmethod
-    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "BASERouting":
-        return cls(dim, cfg.moe_experts)
-
+class BASERouting(CentroidRouting):
     @torch.no_grad()
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
         return balanced_assignment(affinities(h, self.centroids))

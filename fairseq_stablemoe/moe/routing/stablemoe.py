@@ -20,11 +20,10 @@ that assignment by (10); stage 2 is unchanged.
 from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distilled_router import DISTILLED_ROUTERS, DistilledRouter
-from .base import Routing, RoutingStrategy, TokenView, Vocabulary, affinities, chosen_affinity, load_and_counts
+from .base import CentroidRouting, Routing, TokenView, Vocabulary, affinities, chosen_affinity, load_and_counts
 from .base_layer import balanced_assignment
 
 
@@ -36,7 +35,7 @@ def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -
     return (overload[expert] * gate).sum()
 
 
-class StableMoERouting(RoutingStrategy):
+class StableMoERouting(CentroidRouting):
     """The stage is this routing's own: 1 or 2, decided from the update count fairseq passes to every module
     (`set_num_updates`, before each training step and when a checkpoint is loaded), saved with the model."""
 
@@ -46,12 +45,9 @@ class StableMoERouting(RoutingStrategy):
 
     def __init__(self, dim: int, num_experts: int, distilled_router: DistilledRouter,
                  stage1_updates: Optional[int], stage1_assignment: str = "greedy"):
-        super().__init__()
-        self.num_experts = num_experts
+        super().__init__(dim, num_experts)  # E
         self.stage1_updates = stage1_updates  # None: stage 1 ends only when end_stage1 is called
         self.balanced_stage1 = stage1_assignment == "balanced"
-        self.centroids = nn.Parameter(torch.empty(num_experts, dim))  # E
-        nn.init.orthogonal_(self.centroids, gain=0.1)
         self.distilled_router = distilled_router
         # saved with the model: the stage a checkpoint was written in, and the update stage 2 began at (-1: not yet)
         self.register_buffer("stage", torch.tensor(1))

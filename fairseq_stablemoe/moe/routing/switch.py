@@ -7,9 +7,8 @@ f_i is the fraction of the batch's tokens sent to expert i, P_i the batch's mean
 Capacity (--capacity-factor) is the layer's job.
 """
 import torch
-import torch.nn as nn
 
-from .base import Routing, RoutingStrategy, TokenView, Vocabulary, affinities, expert_load
+from .base import CentroidRouting, Routing, TokenView, affinities, expert_load
 
 
 def switch_loss(probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
@@ -20,18 +19,8 @@ def switch_loss(probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
     return probs.size(1) * (probs.sum(0) * f).sum()
 
 
-class SwitchRouting(RoutingStrategy):
+class SwitchRouting(CentroidRouting):
     loss_names = ("switch",)  # what it may put in Routing.losses
-
-    def __init__(self, dim: int, num_experts: int):
-        super().__init__()
-        self.num_experts = num_experts
-        self.centroids = nn.Parameter(torch.empty(num_experts, dim))  # E, initialised as StableMoE's
-        nn.init.orthogonal_(self.centroids, gain=0.1)
-
-    @classmethod
-    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "SwitchRouting":
-        return cls(dim, cfg.moe_experts)
 
     @torch.no_grad()
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
