@@ -8,13 +8,12 @@ from fairseq.models.transformer_lm import (
     TransformerLanguageModelConfig,
     base_lm_architecture,
 )
-from fairseq.utils import safe_getattr
 
 from ..moe import (
     DecoderMoELayer, FeedsDecoderTokenIds, MoEConfig, Vocabulary, build_moe_layer, place_moe_layers,
     validate_moe_config,
 )
-from .common import MoEModelMixin
+from .common import MoEModelMixin, set_defaults
 
 
 @dataclass
@@ -46,15 +45,11 @@ class StableMoELanguageModel(MoEModelMixin, TransformerLanguageModel):
         return cls(StableMoELMDecoder(args, task.target_dictionary, embed_tokens))
 
 
-def _moe_defaults(args, **defaults):
-    for name, value in defaults.items():
-        setattr(args, name, safe_getattr(args, name, value))
-
 
 @register_model_architecture("stablemoe_lm", "stablemoe_lm_base")
 def stablemoe_lm_base(args):
     """Paper Table 7, base: 12 × 768/3072, 12 heads, one MoE layer of 32 experts × 3 sublayers in the middle."""
-    _moe_defaults(
+    set_defaults(
         args, decoder_embed_dim=768, decoder_ffn_embed_dim=3072, decoder_layers=12, decoder_attention_heads=12,
         decoder_learned_pos=True, decoder_normalize_before=True, share_decoder_input_output_embed=True,
         dropout=0.0, attention_dropout=0.0, activation_fn="relu",
@@ -66,7 +61,7 @@ def stablemoe_lm_base(args):
 @register_model_architecture("stablemoe_lm", "stablemoe_lm_large")
 def stablemoe_lm_large(args):
     """Paper Table 7, large: 24 × 1024/4096, 16 heads, one MoE layer of 64 experts × 6 sublayers."""
-    _moe_defaults(args, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=24,
+    set_defaults(args, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=24,
                   decoder_attention_heads=16, moe_experts=64, moe_sublayers=6)
     stablemoe_lm_base(args)
 
@@ -74,6 +69,6 @@ def stablemoe_lm_large(args):
 @register_model_architecture("stablemoe_lm", "stablemoe_lm_tiny")
 def stablemoe_lm_tiny(args):
     """A CPU-sized model for demos and tests: 4 × 128/512, 8 experts × 2 sublayers."""
-    _moe_defaults(args, decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_layers=4,
+    set_defaults(args, decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_layers=4,
                   decoder_attention_heads=4, moe_experts=8, moe_sublayers=2)
     stablemoe_lm_base(args)

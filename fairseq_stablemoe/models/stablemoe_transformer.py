@@ -5,26 +5,24 @@ decoder's input ids (the whole prefix, also in incremental decoding).
 """
 import dataclasses
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerModel, base_architecture
 from fairseq.models.transformer.transformer_decoder import TransformerDecoderBase
 from fairseq.models.transformer.transformer_encoder import TransformerEncoderBase
-from fairseq.utils import safe_getattr
 
 from ..moe import (
-    DecoderMoELayer, EncoderMoELayer, FeedsDecoderTokenIds, FeedsEncoderTokenIds, MoEConfig, MoELayer,
-    Vocabulary, build_moe_layer, place_moe_layers, validate_moe_config,
+    DecoderMoELayer, EncoderMoELayer, FeedsDecoderTokenIds, FeedsEncoderTokenIds, MoELayer, MoELayerConfig,
+    Vocabulary, build_moe_layer, place_moe_layers, validate_moe_layer_config,
 )
-from ..moe.config import MOE_POSITIONS
-from .common import MoEModelMixin
+from ..moe.config import MOE_POSITIONS, validate_choice
+from .common import MoEModelMixin, set_defaults
 
 
 @dataclass
-class TranslationMoEConfig(MoEConfig):
-    """MoEConfig with a layer count and position per stack instead of --moe-layers/--moe-position."""
+class TranslationMoEConfig(MoELayerConfig):
+    """The MoE layer, and a layer count and position per stack (stablemoe_lm has --moe-layers/--moe-position)."""
 
     encoder_moe_layers: int = field(default=1, metadata={"help": "MoE layers in the encoder (0 = none)"})
     encoder_moe_position: MOE_POSITIONS = field(
@@ -32,9 +30,6 @@ class TranslationMoEConfig(MoEConfig):
     decoder_moe_layers: int = field(default=1, metadata={"help": "MoE layers in the decoder (0 = none)"})
     decoder_moe_position: MOE_POSITIONS = field(
         default="middle", metadata={"help": "where the decoder MoE layers go (as --moe-position of stablemoe_lm)"})
-
-    def _get_all_attributes(self):
-        return [k for k in super()._get_all_attributes() if k not in ("moe_layers", "moe_position")]
 
 
 class StableMoETransformerEncoder(FeedsEncoderTokenIds, TransformerEncoderBase):
@@ -51,14 +46,11 @@ def validate_translation_moe_config(args):
         layers, position = getattr(args, f"{side}_moe_layers"), str(getattr(args, f"{side}_moe_position"))
         if not 0 <= layers <= blocks:
             raise ValueError(f"--{side}-moe-layers must be between 0 and --{side}-layers ({blocks}); got {layers}")
-        if position not in [str(p) for p in MOE_POSITIONS]:
-            raise ValueError(f"--{side}-moe-position {position} is unknown; choose one of "
-                             f"{', '.join(str(p) for p in MOE_POSITIONS)}")
+        validate_choice(f"--{side}-moe-position", position, MOE_POSITIONS)
     if args.encoder_moe_layers + args.decoder_moe_layers == 0:
         raise ValueError("--encoder-moe-layers and --decoder-moe-layers are both 0: that is fairseq's transformer; "
                          "use --arch transformer, or place at least one MoE layer")
-    shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(MoEConfig)}
-    validate_moe_config(SimpleNamespace(**{**shared, "moe_layers": 1, "moe_position": "middle"}), 1)
+    validate_moe_layer_config(args)
 
 
 @register_model("stablemoe_transformer")
@@ -96,15 +88,11 @@ class StableMoETransformerModel(MoEModelMixin, TransformerModel):
         return model
 
 
-def _set_defaults(args, **defaults):
-    for name, value in defaults.items():
-        setattr(args, name, safe_getattr(args, name, value))
-
 
 @register_model_architecture("stablemoe_transformer", "stablemoe_transformer")
 def stablemoe_transformer(args):
     """fairseq's transformer defaults; one MoE layer after the middle block of each stack."""
-    _set_defaults(args, **{f.name: f.default for f in dataclasses.fields(TranslationMoEConfig)})
+    set_defaults(args, **{f.name: f.default for f in dataclasses.fields(TranslationMoEConfig)})
     base_architecture(args)
 
 
@@ -112,7 +100,7 @@ def stablemoe_transformer(args):
 def stablemoe_transformer_wmt10(args):
     """Paper Table 8: 6+6 blocks of 512/2048, 8 heads; MoE after the 3rd encoder and the 3rd decoder block,
     32 experts × 3 sublayers; dropout 0.1, attention dropout 0."""
-    _set_defaults(
+    set_defaults(
         args, encoder_embed_dim=512, encoder_ffn_embed_dim=2048, encoder_layers=6, encoder_attention_heads=8,
         decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_layers=6, decoder_attention_heads=8,
         dropout=0.1, attention_dropout=0.0,
@@ -125,7 +113,7 @@ def stablemoe_transformer_wmt10(args):
 @register_model_architecture("stablemoe_transformer", "stablemoe_transformer_tiny")
 def stablemoe_transformer_tiny(args):
     """A CPU-sized model for demos and tests: 2+2 blocks of 64/256, 4 heads, 8 experts × 2 sublayers."""
-    _set_defaults(
+    set_defaults(
         args, encoder_embed_dim=64, encoder_ffn_embed_dim=256, encoder_layers=2, encoder_attention_heads=4,
         decoder_embed_dim=64, decoder_ffn_embed_dim=256, decoder_layers=2, decoder_attention_heads=4,
         moe_experts=8, moe_sublayers=2,

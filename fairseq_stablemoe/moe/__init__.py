@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from . import comm
-from .config import MoEConfig, validate_moe_config
+from .config import MoEConfig, MoELayerConfig, validate_moe_config, validate_moe_layer_config
 from .dispatch import ExpertParallelDispatcher
 from .expert_parallel import expert_parallel_world, expert_shard, tag_expert_parameters
 from .experts import Experts
@@ -56,7 +56,7 @@ def parameter_counts(model: nn.Module) -> Tuple[int, int, int]:
 
 
 __all__ = [
-    "MoEConfig", "validate_moe_config", "MoELayer", "DecoderMoELayer", "EncoderMoELayer", "Experts",
+    "MoEConfig", "MoELayerConfig", "validate_moe_config", "validate_moe_layer_config", "MoELayer", "DecoderMoELayer", "EncoderMoELayer", "Experts",
     "RoutingStrategy", "StableMoERouting", "Vocabulary", "ExpertParallelDispatcher", "build_moe_layer", "moe_layers", "parameter_counts",
     "place_moe_layers",
     "FeedsDecoderTokenIds", "FeedsEncoderTokenIds",

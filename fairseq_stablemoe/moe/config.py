@@ -16,13 +16,9 @@ STAGE1_ASSIGNMENTS = ChoiceEnum(["greedy", "balanced"])
 
 
 @dataclass
-class MoEConfig(FairseqDataclass):
-    moe_layers: int = field(default=1, metadata={"help": "number of MoE layers"})
-    moe_position: MOE_POSITIONS = field(
-        default="middle",
-        metadata={"help": "where MoE layers go: stacked after block L/2 (middle), after the last block (top), "
-                          "before the first (bottom), or one after each of evenly spaced blocks (scattered)"},
-    )
+class MoELayerConfig(FairseqDataclass):
+    """What one MoE layer is: experts, routing, distilled router, capacity, expert parallelism."""
+
     moe_experts: int = field(default=32, metadata={"help": "experts per MoE layer (N)"})
     moe_sublayers: int = field(default=3, metadata={"help": "pre-LN residual FFN sublayers per expert"})
     moe_ffn_embed_dim: int = field(default=0, metadata={"help": "expert FFN inner size (0 = the model's FFN size)"})
@@ -57,11 +53,40 @@ class MoEConfig(FairseqDataclass):
                           "divides --moe-experts"})
 
 
-def validate_moe_config(cfg, num_blocks: int):
-    """Fail early, naming the flag and the fix."""
-    def fail(msg):
-        raise ValueError(msg)
+@dataclass
+class MoEConfig(MoELayerConfig):
+    """MoE layers in one stack of blocks (stablemoe_lm): the layer, and where the layers go."""
 
+    moe_layers: int = field(default=1, metadata={"help": "number of MoE layers"})
+    moe_position: MOE_POSITIONS = field(
+        default="middle",
+        metadata={"help": "where MoE layers go: stacked after block L/2 (middle), after the last block (top), "
+                          "before the first (bottom), or one after each of evenly spaced blocks (scattered)"},
+    )
+
+
+def fail(msg):
+    raise ValueError(msg)
+
+
+def validate_moe_config(cfg, num_blocks: int):
+    """MoEConfig: where the layers go, then the layer. Fails early, naming the flag and the fix."""
+    if cfg.moe_layers < 1:
+        fail(f"--moe-layers must be at least 1 (got {cfg.moe_layers}); for a model without MoE use transformer_lm")
+    if cfg.moe_layers > num_blocks:
+        fail(f"--moe-layers {cfg.moe_layers} is larger than the number of Transformer blocks ({num_blocks}); "
+             f"use at most {num_blocks} or more blocks")
+    validate_choice("--moe-position", cfg.moe_position, MOE_POSITIONS)
+    validate_moe_layer_config(cfg)
+
+
+def validate_choice(flag: str, value, known):
+    if str(value) not in [str(k) for k in known]:  # configs loaded by hydra or Python bypass argparse's choices
+        fail(f"{flag} {value} is unknown; choose one of {', '.join(str(k) for k in known)}")
+
+
+def validate_moe_layer_config(cfg):
+    """MoELayerConfig. Fails early, naming the flag and the fix."""
     if cfg.moe_experts < 2:
         fail(f"--moe-experts must be at least 2 (got {cfg.moe_experts}); for a dense control keep it and use "
              f"--moe-routing dense, dense_deeper or dense_wider")
@@ -70,11 +95,6 @@ def validate_moe_config(cfg, num_blocks: int):
     ffn_dim = getattr(cfg, "moe_ffn_embed_dim", 0)  # legacy argparse archs may leave it unset
     if ffn_dim < 0:
         fail(f"--moe-ffn-embed-dim must be >= 0 (got {ffn_dim}); 0 means the model's FFN size")
-    if cfg.moe_layers < 1:
-        fail(f"--moe-layers must be at least 1 (got {cfg.moe_layers}); for a model without MoE use transformer_lm")
-    if cfg.moe_layers > num_blocks:
-        fail(f"--moe-layers {cfg.moe_layers} is larger than the number of Transformer blocks ({num_blocks}); "
-             f"use at most {num_blocks} or more blocks")
     if cfg.distilled_dim < 1:
         fail(f"--distilled-dim must be at least 1 (got {cfg.distilled_dim}); the paper uses 50")
     if cfg.stage1_updates < 0:
@@ -87,13 +107,11 @@ def validate_moe_config(cfg, num_blocks: int):
              f"{cfg.eval_capacity_factor}); 0 means unlimited")
     for flag, value, known in (("--distilled-router", cfg.distilled_router, DISTILLED_ROUTERS),
                                ("--moe-routing", cfg.moe_routing, ROUTINGS),
-                               ("--moe-position", cfg.moe_position, [str(p) for p in MOE_POSITIONS]),
-                               ("--hash-type", cfg.hash_type, [str(p) for p in HASH_TYPES]),
-                               ("--stage1-assignment", cfg.stage1_assignment, [str(p) for p in STAGE1_ASSIGNMENTS]),
+                               ("--hash-type", cfg.hash_type, HASH_TYPES),
+                               ("--stage1-assignment", cfg.stage1_assignment, STAGE1_ASSIGNMENTS),
                                ("--moe-expert-parallel", getattr(cfg, "moe_expert_parallel", "auto"),
-                                [str(m) for m in EXPERT_PARALLEL_MODES])):
-        if str(value) not in known:  # configs loaded by hydra or Python bypass argparse's choices
-            fail(f"{flag} {value} is unknown; choose one of {', '.join(known)}")
+                                EXPERT_PARALLEL_MODES)):
+        validate_choice(flag, value, known)
     routing = str(cfg.moe_routing)
     if str(cfg.stage1_assignment) != "greedy" and routing != "stablemoe":
         fail(f"--stage1-assignment {cfg.stage1_assignment} is a StableMoE ablation; use it with --moe-routing "

@@ -12,10 +12,10 @@ import torch
 from fairseq import utils
 from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
-from fairseq.distributed import utils as distributed_utils
 from fairseq.models import BaseFairseqModel
 from omegaconf import II
 
+from ..moe import comm
 from ..moe.probe import probe_experts
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class RoutingProbes:
 
     @property
     def active(self) -> bool:
-        return distributed_utils.get_global_rank() == 0
+        return comm.rank() == 0
 
     @classmethod
     def from_task_config(cls, cfg) -> Optional["RoutingProbes"]:

@@ -1,12 +1,11 @@
 """The training-loop side of StableMoE, shared by the LM and translation tasks: the stage switch."""
 import logging
 
-import torch.distributed as dist
 from fairseq import metrics
 
 from ..checkpoints import prepare_resume
 from ..criterions.moe_aux import MoEAuxLossMixin
-from ..moe import moe_layers, parameter_counts
+from ..moe import comm, moe_layers, parameter_counts
 from ..moe.expert_parallel import (
     check_trainer_setup,
     drop_gathered_experts,
@@ -75,10 +74,6 @@ def check_optimizer(optimizer):
             "in stage 2: add --fp16-no-flatten-grads (or use --memory-efficient-fp16)")
 
 
-def _is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def updates_done():
     """The trainer's update count, which it logs into the active metric aggregators on every update and on
     checkpoint load (not metrics.get_meter("default", ...): loading a checkpoint's metrics replaces that
@@ -126,7 +121,7 @@ class StageSwitchingTask:
     def prepare_training(self, model):
         warn_stage_schedule(model, int(self._training_option("max_update", 0)))
         save_dir = self._training_option("save_dir")
-        if save_dir is not None and _is_main_process():
+        if save_dir is not None and comm.rank() == 0:
             prepare_resume(save_dir, self._training_option("restore_file", "checkpoint_last.pt"))
 
     def build_criterion(self, cfg, *args, **kwargs):
