@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test test-fast demo install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -W ignore::DeprecationWarning -W ignore::FutureWarning tests
+
+# the edit loop: everything but the end-to-end (slow) and multi-process (distributed) tests, a few minutes
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -W ignore::DeprecationWarning -W ignore::FutureWarning -m "not slow and not distributed" tests
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo/run.sh

@@ -11,6 +11,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(ROOT, "fairseq_stablemoe")
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for --distributed-init-method tcp://127.0.0.1:PORT."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_dictionary(n=40):
+    """A fairseq Dictionary of n words w0 ... (plus fairseq's 4 special symbols)."""
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for i in range(n):
+        d.add_symbol(f"w{i}")
+    return d
+
+
 def write_corpus(directory, vocab=120, lines=(600, 60, 60), seed=0):
     """Zipf-ish random sentences in train/valid/test.txt; returns the directory."""
     rng = random.Random(seed)

@@ -265,6 +265,7 @@ def train_and_evaluate(commands, save_dir, **model_flags):
 
 
 @pytest.mark.parametrize("routing", MOE_ROUTINGS + DENSE_CONTROLS)
+@pytest.mark.slow
 def test_each_routing_trains_and_evaluates_from_the_same_command(routing, corpus, commands, tmp_path):
     results, state = train_and_evaluate(commands, tmp_path, moe_routing=routing)
     vocab = len(Dictionary.load(str(corpus / "dict.txt")))
@@ -279,6 +280,7 @@ def test_each_routing_trains_and_evaluates_from_the_same_command(routing, corpus
         assert len({k.split(".experts.")[1].split(".")[1] for k in state if ".experts." in k}) == 1
 
 
+@pytest.mark.slow
 def test_base_plus_fixed_routing_ablation_trains(commands, tmp_path):
     results, state = train_and_evaluate(commands, tmp_path, stage1_assignment="balanced")
     assert math.isfinite(results["perplexity"])

@@ -12,7 +12,8 @@ from fairseq_stablemoe.criterions.stablemoe_cross_entropy import StableMoECrossE
 from fairseq_stablemoe.criterions.stablemoe_label_smoothed_cross_entropy import (
     StableMoELabelSmoothedCrossEntropyCriterion,
 )
-from test_translation import build_model, make_dictionary
+from helpers import make_dictionary
+from test_translation import build_model
 
 REPORTED = ("loss", "nll_loss", "ppl", "accuracy")
 

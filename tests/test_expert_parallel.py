@@ -1,7 +1,6 @@
 """Expert parallelism over 2 gloo processes against one process holding every expert."""
 import argparse
 import os
-import socket
 import zlib
 
 import pytest
@@ -9,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fairseq import utils
-from fairseq.data import Dictionary
 from fairseq.distributed import LegacyDistributedDataParallel
 
+from helpers import free_port, make_dictionary
 from fairseq_stablemoe.moe import ExpertParallelDispatcher, MoEConfig, Vocabulary, build_moe_layer
 from fairseq_stablemoe.moe.expert_parallel import check_trainer_setup, expert_parallel_world, gather_experts
 
@@ -28,10 +27,7 @@ def moe_cfg(**overrides):
 
 
 def vocabulary():
-    d = Dictionary()
-    for i in range(12):
-        d.add_symbol(f"w{i}")
-    return Vocabulary.of(d)
+    return Vocabulary.of(make_dictionary(12))
 
 
 def build_layer(table=None):
@@ -86,12 +82,6 @@ def reference(case):
     out, loss, x_grad = run(layer, torch.cat(x, 1), torch.cat(tokens, 0))
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return {"out": out, "loss": loss, "x_grad": x_grad, "grads": grads, "built": built, "state": layer.state_dict()}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init(rank, port):
@@ -194,6 +184,7 @@ def worker(rank, port, refs):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_two_rank_expert_parallel_layer_matches_one_process():
     refs = {case: reference(case) for case in ("learned", "sparse", "empty")}
     assert refs["learned"]["grads"]["routing.distilled_router.centroids"].abs().sum() > 0

@@ -6,14 +6,16 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
+import pytest
 import torch
-from helpers import PLUGIN, ROOT, train_lm_args
+from helpers import PLUGIN, ROOT, free_port, train_lm_args
 
 from fairseq_stablemoe.reshard_checkpoint import main as reshard_main
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 DISTRIBUTED = ["--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
 BATCHES = ["--batch-size", "4", "--required-batch-size-multiple", "1"]  # exactly 4 blocks of 32 tokens
@@ -46,12 +48,6 @@ def preprocess(directory):
         "--workers", "1"])
     fairseq_preprocess.main(args)
     return os.path.join(directory, "bin")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(module, args, world, log_prefix):

@@ -10,11 +10,14 @@ import re
 import signal
 import time
 
+import pytest
 import torch
 from fairseq import checkpoint_utils
 
 import helpers
 from fairseq_stablemoe.checkpoints import checkpoint_files, is_intact
+
+pytestmark = pytest.mark.slow
 
 STAGE1, MAX_UPDATE = 8, 24
 ROUTER = "decoder.layers.1.routing.distilled_router."

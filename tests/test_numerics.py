@@ -144,6 +144,7 @@ def test_half_precision_model_routes_in_float32(layer, dtype):
     assert torch.equal(out.expert, expected)
 
 
+@pytest.mark.slow
 def test_fp16_training_keeps_the_frozen_router_fixed(tmp_path):
     """--fp16 --fp16-no-flatten-grads (runs on CPU too): the stage-2 router is bit-identical from the switch on,
     and the logged aux losses are finite."""

@@ -134,6 +134,7 @@ def probed_run(tmp_path_factory):
     return data, save, log
 
 
+@pytest.mark.slow
 def test_stablemoe_routing_never_changes_after_stage1(probed_run):
     """Issue 3, acceptance 3: zero changes after --stage1-updates, some before."""
     _, save, log = probed_run
@@ -154,6 +155,7 @@ def test_stablemoe_routing_never_changes_after_stage1(probed_run):
     assert torch.equal(record["experts"][0][-1].long(), table[record["tokens"][0].long()])
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_record(probed_run, tmp_path):
     data, save, _ = probed_run
     for name in ("checkpoint_last.pt", "routing_probes.pt"):
@@ -168,6 +170,7 @@ def test_resumed_run_continues_the_record(probed_run, tmp_path):
     assert torch.equal(after["tokens"][0], before["tokens"][0])
 
 
+@pytest.mark.slow
 def test_expert_token_table_follows_the_frozen_router(probed_run, capsys):
     data, save, _ = probed_run
     expert_tokens.main([str(data), "--path", str(save / "checkpoint_last.pt"), "--top", "3", "--cpu"])

@@ -79,6 +79,7 @@ def table_rows(path):
     return [line for line in open(path).read().splitlines() if line.startswith("| ") and "---" not in line][1:]
 
 
+@pytest.mark.slow
 def test_quick_lm_ablation_trains_scores_and_resumes(tmp_path):
     data = write_corpus(str(tmp_path / "text"), lines=(300, 40, 40))
     run_entry("table5.py", "--data", data, "--out", tmp_path / "out")
@@ -91,6 +92,7 @@ def test_quick_lm_ablation_trains_scores_and_resumes(tmp_path):
     assert "training " not in again  # every run's result is reused
 
 
+@pytest.mark.slow
 def test_quick_translation_table(tmp_path):
     data = tmp_path / "mt"
     write_parallel_corpus(str(data), sizes=(("train", 200), ("valid", 10), ("test", 10)))

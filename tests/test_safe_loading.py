@@ -11,8 +11,11 @@ from fairseq import checkpoint_utils
 import helpers
 from fairseq_stablemoe.checkpoints import FAIRSEQ_CHECKPOINT_GLOBALS, CheckpointError, check_checkpoint, unsafe_globals
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"),
-                                reason="torch < 2.5 has no weights-only loading by default")
+pytestmark = [
+    pytest.mark.slow,  # the module's fixture trains through both stages
+    pytest.mark.skipif(not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"),
+                       reason="torch < 2.5 has no weights-only loading by default"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import torch
 import fairseq_stablemoe  # noqa: F401  (registers the plugin for in-process loading)
 from helpers import PLUGIN, preprocess_lm, run_cli, train_lm_args, write_corpus
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

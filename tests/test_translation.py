@@ -4,21 +4,13 @@ import re
 
 import pytest
 import torch
-from fairseq.data import Dictionary
 from fairseq.sequence_generator import SequenceGenerator
 
 from fairseq_stablemoe.models.stablemoe_transformer import StableMoETransformerModel, stablemoe_transformer_tiny
 from fairseq_stablemoe.moe import DecoderMoELayer, EncoderMoELayer, moe_layers
 from fairseq_stablemoe.moe.routing import ROUTINGS
 
-from helpers import PLUGIN, run_cli, write_parallel_corpus
-
-
-def make_dictionary(n=40):
-    d = Dictionary()
-    for i in range(n):
-        d.add_symbol(f"w{i}")
-    return d
+from helpers import PLUGIN, make_dictionary, run_cli, write_parallel_corpus
 
 
 def build_model(dictionary, router="wordemb", **overrides):
@@ -134,6 +126,7 @@ def test_incremental_decoding_equals_full_sequence(router):
                     torch.testing.assert_close(hypo["positional_scores"], forced, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_train_through_stage_switch_then_generate_with_sacrebleu(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread is much faster on a busy CPU
     raw = write_parallel_corpus(tmp_path / "raw", langs=("xx",), sizes=(("train", 200), ("valid", 16), ("test", 13)))
