@@ -1,4 +1,5 @@
-"""The training-loop side of StableMoE, shared by the LM and translation tasks: the stage switch."""
+"""The training-loop side of StableMoE, shared by the LM and translation tasks: the stage-switch log line (the
+stage itself is the routing's own), resume and optimizer checks, routing probes, expert-parallel gathering."""
 import logging
 
 from fairseq import metrics
@@ -84,8 +85,8 @@ def updates_done():
 
 
 class StageSwitchingTask:
-    """Mix into a fairseq task, before the task class: switches StableMoE stages in the update loop,
-    records routing probes (the task config may mix in RoutingProbeConfig) and does the training-loop side
+    """Mix into a fairseq task, before the task class: logs the StableMoE stage switch (the routings decide it from
+    the update count), checks the optimizer and the resumed stage, records routing probes (the task config may mix in RoutingProbeConfig) and does the training-loop side
     of expert parallelism (gradient scale, checkpoint gather).
 
     The task reads three training options through its config (save_dir, restore_file, max_update: see

@@ -79,7 +79,7 @@ class StableMoERouting(CentroidRouting):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         stage, start = state_dict.get(prefix + "stage"), prefix + "stage2_start"
         if stage is not None and start not in state_dict:  # written before stage2_start was saved
-            state_dict[start] = torch.tensor(self.stage1_updates if int(stage) == 2 else -1)
+            state_dict[start] = torch.tensor(self.stage1_updates or 0 if int(stage) == 2 else -1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.stage2_began = int(self.stage2_start) if int(self.stage) == 2 else None
 
