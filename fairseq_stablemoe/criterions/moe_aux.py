@@ -9,24 +9,56 @@ from fairseq import metrics, utils
 from ..moe import moe_layers
 
 
-def collect_moe_aux(net_output) -> Dict[str, torch.Tensor]:
-    """Sum the losses and token statistics of every MoE layer that ran in this forward (the model returns them
-    in its output's extra, "moe_aux"); the load spread per layer."""
+def load_spread(load: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """One layer's expert loads |A_i| as logged: busiest over mean, coefficient of variation, unused experts."""
+    load = load.float()
+    mean = load.mean().clamp(min=1e-9)
+    return {"load_max_over_mean": load.max() / mean, "load_cv": load.std(unbiased=False) / mean,
+            "unused_experts": (load == 0).sum(), "forwards": torch.ones((), dtype=torch.long)}
+
+
+PER_LAYER = ("tokens", "distill_agree", "load_cv", "unused_experts", "forwards")  # logged as moe{i}_<key>
+
+
+def collect_moe_aux(model, net_output) -> Dict[str, torch.Tensor]:
+    """The losses and token statistics of every MoE layer that ran in this forward (the model returns them in its
+    output's extra, "moe_aux"), summed over layers; with several MoE layers also each layer's own (`{i}:<key>`,
+    i = the layer's place in the model), and at validation each layer's load per expert (`expert_load`).
+
+    Every layer has its keys in every batch, also when --*-layerdrop skipped it: ranks sum them key by key."""
+    ran = net_output[1].get("moe_aux", {})
+    layers = list(moe_layers(model))
     total: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
-    for key in ("tokens", "dropped", "forwards"):  # the same keys every batch, so ranks can sum them
+    for key in ("tokens", "dropped", "forwards"):
         total[key] = torch.zeros((), dtype=torch.long)
-    for aux in net_output[1].get("moe_aux", {}).values():
-        aux = dict(aux)
+    if any(not layer.routing.dense for layer in layers):  # every batch has the load keys (layerdrop may skip)
+        total.update({key: torch.zeros(()) for key in ("load_max_over_mean", "load_cv", "unused_experts")})
+    stages = []
+    for i, layer in enumerate(layers):
+        aux = dict(ran.get(layer, {}))
         load = aux.pop("load", None)
-        for key, value in aux.items():
-            total[key] = total[key] + value.detach() if not key.endswith("_loss") else total[key] + value
         if load is not None:
-            load = load.float()
-            mean = load.mean().clamp(min=1e-9)
-            total["load_max_over_mean"] = total["load_max_over_mean"] + load.max() / mean
-            total["load_cv"] = total["load_cv"] + load.std(unbiased=False) / mean
-            total["unused_experts"] = total["unused_experts"] + (load == 0).sum()
-            total["forwards"] = total["forwards"] + 1
+            aux.update(load_spread(load))
+        if layer.routing.staged:
+            stages.append(2 if layer.routing.in_stage2 else 1)
+            aux.setdefault("distill_agree", torch.zeros((), dtype=torch.long))
+        for key, value in aux.items():
+            total[key] = total[key] + (value if key.endswith("_loss") else value.detach())
+        if len(layers) > 1:
+            for key in PER_LAYER:
+                if key != "distill_agree" or layer.routing.staged:  # only StableMoE distils
+                    total[f"{i}:{key}"] = aux[key].detach() if key in aux else torch.zeros((), dtype=torch.long)
+    if stages:  # a model is in stage 2 once all its staged layers are
+        total["stage"] = torch.tensor(min(stages))
+        total["staged"] = torch.ones((), dtype=torch.long)
+    if not model.training:
+        width = max(layer.num_experts for layer in layers)
+        loads = torch.zeros(len(layers), width, dtype=torch.long)
+        for i, layer in enumerate(layers):
+            load = ran.get(layer, {}).get("load")
+            if load is not None:
+                loads[i, :load.numel()] = load.detach().long().cpu()
+        total["expert_load"] = loads
     return total
 
 
@@ -72,7 +104,7 @@ class MoEAuxLossMixin:
         """What fairseq's criterion logs besides its losses (e.g. accuracy)."""
 
     def add_moe_losses(self, model, net_output, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
-        aux = collect_moe_aux(net_output)
+        aux = collect_moe_aux(model, net_output)
         loss = task_loss
         produced = {name for layer in moe_layers(model) for name in layer.routing.loss_names}
         for name, factor in self.aux_factors.items():
@@ -86,7 +118,8 @@ class MoEAuxLossMixin:
             logging_output[f"moe_{name}_loss"] = value.data
         for key, value in aux.items():
             if not key.endswith("_loss"):
-                logging_output[f"moe_{key}"] = value
+                layer, _, stat = key.rpartition(":")
+                logging_output[f"moe{layer}_{stat}"] = value
         logging_output["loss"] = loss.data
         return loss
 
@@ -100,11 +133,32 @@ class MoEAuxLossMixin:
         if routed > 0:
             for key in [k for k in logging_outputs[0] if k.startswith("moe_") and k.endswith("_loss")]:
                 metrics.log_scalar(key[4:], total(key) / routed, routed, round=4)
-            if any("moe_distill_agree" in log for log in logging_outputs):  # only StableMoE distils
+            if "moe_distill_agree" in logging_outputs[0]:  # only StableMoE distils
                 metrics.log_scalar("distill_acc", total("moe_distill_agree") / routed, routed, round=4)
             metrics.log_scalar("dropped", total("moe_dropped") / routed, routed, round=4)
         if forwards > 0:
             for key, name in [("moe_load_max_over_mean", "load_max_mean"), ("moe_load_cv", "load_cv"),
-                              ("moe_unused_experts", "unused_experts"), ("moe_stage", "stage")]:
-                if any(key in log for log in logging_outputs):  # e.g. only staged routings have a stage
-                    metrics.log_scalar(name, total(key) / forwards, forwards, round=3)
+                              ("moe_unused_experts", "unused_experts")]:
+                metrics.log_scalar(name, total(key) / forwards, forwards, round=3)
+        staged = total("moe_staged")
+        if staged > 0:
+            # the latest stage, not its average over the interval or epoch (which read 1.5 across the switch)
+            metrics.log_scalar("_stage", total("moe_stage") / staged, staged)
+            metrics.log_derived("stage", lambda meters: round(meters["_stage"].val))
+        layer = 0
+        while f"moe{layer}_forwards" in logging_outputs[0]:
+            log_layer_metrics(f"moe{layer}", total, logging_outputs[0].__contains__)
+            layer += 1
+        if "moe_expert_load" in logging_outputs[0]:
+            metrics.log_scalar_sum("_moe_expert_load", sum(log["moe_expert_load"] for log in logging_outputs))
+
+
+def log_layer_metrics(prefix: str, total, has) -> None:
+    """One MoE layer's load_cv, unused_experts and distill_acc, e.g. moe0_load_cv."""
+    forwards, tokens = total(f"{prefix}_forwards"), total(f"{prefix}_tokens")
+    if forwards > 0:
+        metrics.log_scalar(f"{prefix}_load_cv", total(f"{prefix}_load_cv") / forwards, forwards, round=3)
+        metrics.log_scalar(f"{prefix}_unused_experts", total(f"{prefix}_unused_experts") / forwards, forwards,
+                           round=3)
+    if tokens > 0 and has(f"{prefix}_distill_agree"):
+        metrics.log_scalar(f"{prefix}_distill_acc", total(f"{prefix}_distill_agree") / tokens, tokens, round=4)

@@ -15,6 +15,7 @@ from ..moe.expert_parallel import (
     scale_expert_gradients,
     sharded_layers,
 )
+from .expert_loads import ExpertLoadRecord
 from .routing_probes import RoutingProbes
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class StageSwitchingTask:
 
     _resume_checked = False
     _routing_probes = None
+    _expert_loads = None
+    _validations = (None, 0)  # (update, validation subsets done at that update)
 
     def _training_option(self, name, default=None):
         for cfg in (getattr(self, "cfg", None), getattr(self, "args", None)):
@@ -175,3 +178,18 @@ class StageSwitchingTask:
         if self.routing_probes and update is not None:
             advance_stages(model, update, first_step=False)  # as the next train_step will: the probe sees its routing
             self.routing_probes.probe(self, model, update)
+
+    def post_validate(self, model, stats, agg):
+        """fairseq-train calls this after each validation subset: write each expert's load per MoE layer."""
+        save_dir = self._training_option("save_dir")
+        if "_moe_expert_load" not in agg or save_dir is None or comm.rank() != 0:
+            return
+        update = int(stats["num_updates"])
+        subset = self._validations[1] if self._validations[0] == update else 0
+        self._validations = (update, subset + 1)
+        if self._expert_loads is None:
+            self._expert_loads = ExpertLoadRecord(save_dir)
+        layers = set(moe_layers(model))
+        named = [(name, m) for name, m in model.named_modules() if m in layers]
+        self._expert_loads.add(update, subset, [name for name, _ in named], [m.num_experts for _, m in named],
+                               agg["_moe_expert_load"].sum)

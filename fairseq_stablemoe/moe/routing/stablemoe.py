@@ -106,7 +106,7 @@ class StableMoERouting(CentroidRouting):
                 expert=a,
                 gate=gate,
                 losses=losses,
-                stats={"load": load, "distill_agree": (s_hat.detach().argmax(-1) == a).sum(), "stage": self.stage},
+                stats={"load": load, "distill_agree": (s_hat.detach().argmax(-1) == a).sum()},
                 counts=counts,
             )
         if self.training and not self.distilled_router.frozen:
@@ -118,5 +118,5 @@ class StableMoERouting(CentroidRouting):
         gate = torch.sigmoid(s_chosen)  # (14)
         agree = (a_hat == s.argmax(-1)).sum()  # logged: how often the frozen router still picks (6)'s expert
         load, counts = load_and_counts(a_hat, self.num_experts, global_=self.training)
-        return Routing(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree, "stage": self.stage},
+        return Routing(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree},
                        counts=counts)

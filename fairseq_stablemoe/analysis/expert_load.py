@@ -1,0 +1,78 @@
+"""Each expert's load per MoE layer at each validation of a training run (SAVE_DIR/expert_loads.json).
+
+    python -m fairseq_stablemoe.analysis.expert_load checkpoints/            # the last validation, per layer
+    python -m fairseq_stablemoe.analysis.expert_load checkpoints/ --all      # every validation
+    python -m fairseq_stablemoe.analysis.expert_load checkpoints/ --plot loads.png
+"""
+import argparse
+import sys
+from typing import List
+
+from ..tasks.expert_loads import load_expert_loads
+
+
+def spread(load: List[int]) -> str:
+    total = sum(load)
+    mean = total / len(load) if load else 0.0
+    if mean == 0:
+        return f"{total:>9} tokens"
+    cv = (sum((x - mean) ** 2 for x in load) / len(load)) ** 0.5 / mean
+    return (f"{total:>9} tokens  max/mean {max(load) / mean:5.2f}  cv {cv:5.2f}  "
+            f"unused {sum(x == 0 for x in load)}/{len(load)}")
+
+
+def report(record: dict, every: bool) -> str:
+    validations = record["validations"] if every else record["validations"][-1:]
+    lines = []
+    for v in validations:
+        lines.append(f"update {v['update']} (validation subset {v['subset']}):")
+        for name, load in zip(record["layers"], v["load"]):
+            total = max(sum(load), 1)
+            lines.append(f"  {name}: {spread(load)}")
+            lines.append("    share % " + " ".join(f"{100 * x / total:.1f}" for x in load))
+    return "\n".join(lines)
+
+
+def plot(record: dict, out: str):
+    """Per layer: each expert's share of the tokens (rows) at each validation (columns)."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("--plot needs matplotlib: pip install matplotlib (or pip install 'fairseq-stablemoe[plots]')")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = record["layers"]
+    first = [v for v in record["validations"] if v["subset"] == 0]
+    fig, axes = plt.subplots(1, len(layers), figsize=(4 + 3 * len(layers), 4), squeeze=False)
+    for i, (ax, name) in enumerate(zip(axes[0], layers)):
+        share = [[100 * x / max(sum(v["load"][i]), 1) for x in v["load"][i]] for v in first]
+        image = ax.imshow(list(map(list, zip(*share))), aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set(title=name, xlabel="validation (update)", ylabel="expert")
+        ax.set_xticks(range(len(first)), [str(v["update"]) for v in first], rotation=90, fontsize="x-small")
+        fig.colorbar(image, ax=ax, label="% of tokens")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fairseq_stablemoe.analysis.expert_load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", metavar="SAVE_DIR", help="a --save-dir of fairseq-train, or its expert_loads.json")
+    parser.add_argument("--all", action="store_true", help="every validation, not only the last")
+    parser.add_argument("--plot", metavar="PNG", help="write a per-layer heat map of the experts' shares")
+    args = parser.parse_args(argv)
+    try:
+        record = load_expert_loads(args.path)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+    if not record["validations"]:
+        sys.exit(f"{args.path}: no validation recorded yet")
+    print(report(record, args.all))
+    if args.plot:
+        plot(record, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Each expert's load per MoE layer at every validation, in SAVE_DIR/expert_loads.json (plain JSON: loading it runs
+nothing). Read or plot it with `python -m fairseq_stablemoe.analysis.expert_load SAVE_DIR`."""
+import json
+import os
+from typing import List, Optional
+
+import torch
+
+EXPERT_LOADS_FILE = "expert_loads.json"
+FORMAT = "fairseq_stablemoe.expert_loads/1"
+
+
+def load_expert_loads(path: str) -> dict:
+    """{format, layers: [name], num_experts: [N], validations: [{update, subset, load: [[tokens per expert]]}]};
+    subset is the validation subset's place in --valid-subset."""
+    if os.path.isdir(path):
+        path = os.path.join(path, EXPERT_LOADS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: fairseq-train writes it beside the checkpoints at each "
+                                f"validation (with --task stablemoe_language_modeling or "
+                                f"stablemoe_translation_multi_simple_epoch)")
+    with open(path) as f:
+        record = json.load(f)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an expert load record of this version ({FORMAT})")
+    return record
+
+
+class ExpertLoadRecord:
+    """The record of one training run; a resumed run drops what was recorded after the update it resumed from."""
+
+    def __init__(self, save_dir: str):
+        self.path = os.path.join(save_dir, EXPERT_LOADS_FILE)
+        self.record: Optional[dict] = None
+
+    def add(self, update: int, subset: int, layers: List[str], num_experts: List[int], load: torch.Tensor):
+        if self.record is None:
+            self.record = self._continued(update, layers, num_experts)
+        self.record["validations"].append({
+            "update": update, "subset": subset,
+            "load": [row[:n].tolist() for row, n in zip(load.long(), num_experts)],
+        })
+        tmp = f"{self.path}.tmp"
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(self.record, f)
+        os.replace(tmp, self.path)
+
+    def _continued(self, update: int, layers: List[str], num_experts: List[int]) -> dict:
+        fresh = {"format": FORMAT, "layers": layers, "num_experts": num_experts, "validations": []}
+        if not os.path.exists(self.path):
+            return fresh
+        record = load_expert_loads(self.path)
+        if record["layers"] != layers or record["num_experts"] != num_experts:
+            os.replace(self.path, f"{self.path}.old")  # another model's record: kept aside, not mixed in
+            return fresh
+        record["validations"] = [v for v in record["validations"] if v["update"] < update]
+        return record
