@@ -19,6 +19,7 @@ from ..moe import (
     build_moe_layer, place_moe_layers, validate_moe_config,
 )
 from ..moe.config import MOE_POSITIONS
+from ..guard import check_model_config
 from .common import MoEModelMixin
 
 
@@ -79,6 +80,7 @@ class StableMoETransformerModel(MoEModelMixin, TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
+        check_model_config(args)  # before fairseq evaluates any of its fields
         stablemoe_transformer(args)
         validate_translation_moe_config(args)
         model = super().build_model(args, task)

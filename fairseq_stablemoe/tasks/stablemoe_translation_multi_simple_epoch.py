@@ -7,12 +7,13 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
 from ..criterions.expert_usage import log_language_usage
+from ..guard import GuardedTask
 from .routing_probes import add_routing_probe_args
 from .stage import StageSwitchingTask
 
 
 @register_task("stablemoe_translation_multi_simple_epoch")
-class StableMoETranslationMultiSimpleEpochTask(StageSwitchingTask, TranslationMultiSimpleEpochTask):
+class StableMoETranslationMultiSimpleEpochTask(GuardedTask, StageSwitchingTask, TranslationMultiSimpleEpochTask):
     """Language tokens, temperature sampling, one or many pairs, shared or separate dictionaries: all fairseq's.
     Adds the stage switch, routing probes (--routing-probe-interval) and per-language expert usage."""
 
