@@ -121,10 +121,11 @@ def check_precision(task) -> None:
             raise ValueError("--bf16 on fairseq-train's command line turns on --tpu (fairseq's options.py), which "
                              "needs torch_xla: for bf16 see README.md, section 'Mixed precision'; on a GPU "
                              "--fp16 --fp16-no-flatten-grads (or --amp) works") from None
-    if (opt("fp16", False) or opt("memory_efficient_fp16", False)) and (
-            opt("cpu", False) or not torch.cuda.is_available()):
-        raise ValueError("--fp16 needs a GPU (fairseq's fp16 optimizer runs on CUDA): on CPU, train in fp32 "
-                         "(drop --fp16) or with --amp")
+    flattened_fp16 = opt("fp16", False) and not (opt("fp16_no_flatten_grads", False)
+                                                 or opt("memory_efficient_fp16", False))
+    if flattened_fp16 and (opt("cpu", False) or not torch.cuda.is_available()):
+        raise ValueError("--fp16 without --fp16-no-flatten-grads needs a GPU (fairseq's flattened fp16 optimizer "
+                         "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train with --amp or in fp32")
     world, backend = comm.world_size(), str(opt("ddp_backend", "legacy_ddp"))
     if world > 1 and (opt("cpu", False) or not torch.cuda.is_available()) and backend not in ("legacy_ddp",
                                                                                               "no_c10d"):

@@ -21,6 +21,7 @@ class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig
     reset_optimizer: bool = II("checkpoint.reset_optimizer")
     fp16: bool = II("common.fp16")
     memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
+    fp16_no_flatten_grads: bool = II("common.fp16_no_flatten_grads")
     cpu: bool = II("common.cpu")
     ddp_backend: str = II("distributed_training.ddp_backend")
 
