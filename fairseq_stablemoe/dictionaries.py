@@ -1,19 +1,18 @@
 """Each dictionary's fingerprint, stored in the checkpoint and checked wherever a checkpoint meets data.
 
 A dictionary of the same size in another order (the data binarised again) passes every shape check, yet every
-token id now names another word, and a frozen token -> expert table routes other words. The task stores a
-fingerprint of each of its dictionaries (symbols in id order) in its state, which fairseq saves in every
-checkpoint ("task_state"); resuming, fairseq-eval-lm and fairseq-generate compare it with the dictionaries
-loaded from the data directory.
+token id now names another word, and a frozen token -> expert table routes other words. fairseq-train stores
+a fingerprint of each dictionary (its symbols in id order) in the model's config (--dictionary-fingerprints,
+set by our task), which every checkpoint holds; building the model from a checkpoint (fairseq-eval-lm,
+fairseq-generate, our tools, under any task) and resuming compare it with the dictionaries the task loaded.
 """
 import hashlib
+import json
 import logging
 import os
 from typing import Dict, Optional
 
 logger = logging.getLogger(__name__)
-
-STATE_KEY = "stablemoe_dictionaries"
 
 
 def fingerprint(dictionary) -> str:
@@ -23,28 +22,38 @@ def fingerprint(dictionary) -> str:
 
 
 def task_dictionaries(task) -> Dict[str, tuple]:
-    """{file name: (path, dictionary)} of the task's dictionaries as fairseq-preprocess names them."""
-    cfg = getattr(task, "args", None) or task.cfg
-    data = str(cfg.data).split(os.pathsep)[0]
+    """{file name: (path, dictionary)} of the task's dictionaries as fairseq-preprocess names them; {} for a task
+    without a data directory (a model built by hand)."""
+    cfg = getattr(task, "args", None) or getattr(task, "cfg", None)
+    data = getattr(cfg, "data", None)
+    if not isinstance(data, str):
+        return {}
+    data = data.split(os.pathsep)[0]
     if getattr(task, "dicts", None):  # translation_multi_simple_epoch: one per language
-        return {f"dict.{lang}.txt": (os.path.join(data, f"dict.{lang}.txt"), d) for lang, d in task.dicts.items()}
+        fixed = getattr(cfg, "fixed_dictionary", None)
+        return {f"dict.{lang}.txt": (fixed or os.path.join(data, f"dict.{lang}.txt"), d)
+                for lang, d in task.dicts.items()}
     return {"dict.txt": (os.path.join(data, "dict.txt"), task.source_dictionary or task.target_dictionary)}
 
 
-def task_fingerprints(task) -> Dict[str, str]:
-    return {name: fingerprint(d) for name, (_, d) in task_dictionaries(task).items()}
+def task_fingerprints(task) -> Optional[str]:
+    """What --dictionary-fingerprints holds: a JSON object {file name: fingerprint}."""
+    found = task_dictionaries(task)
+    return json.dumps({name: fingerprint(d) for name, (_, d) in found.items()}, sort_keys=True) if found else None
 
 
-def check_fingerprints(task, task_state: Optional[dict], checkpoint: str = "the checkpoint") -> None:
+def check_fingerprints(task, saved: Optional[str], checkpoint: str = "the checkpoint") -> None:
     """Refuse a dictionary that is not the checkpoint's; warn when the checkpoint predates fingerprints."""
-    saved = (task_state or {}).get(STATE_KEY)
     mine = task_dictionaries(task)
-    if saved is None:
+    if not mine:
+        return
+    if not saved:
         paths = ", ".join(path for path, _ in mine.values())
         logger.warning(f"{checkpoint} holds no dictionary fingerprint (written before they were stored): cannot "
                        f"check that {paths} is the dictionary it was trained with; if the data was binarised again "
                        f"since, token ids may name other words")
         return
+    saved = json.loads(saved)
     for name, (path, dictionary) in mine.items():
         if name in saved and saved[name] != fingerprint(dictionary):
             raise ValueError(

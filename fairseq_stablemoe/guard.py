@@ -4,8 +4,7 @@
 (safe_config), and, when fairseq-train builds the model it will train: takes the save dir's lock (run_lock),
 refuses settings that cannot run here (mixed precision on the wrong device, a CPU DDP backend, experts that do
 not fit in memory), and compares the checkpoint it will resume with the command line, the dictionaries and the
-number of processes before fairseq loads it. The task also stores its dictionaries' fingerprints in its state,
-which fairseq saves in every checkpoint and hands back to `load_state_dict` in fairseq-eval-lm/-generate.
+number of processes before fairseq loads it; and it stores the dictionaries' fingerprints in the model's config.
 """
 import logging
 import os
@@ -15,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from .checkpoints import check_checkpoint, prepare_resume
-from .dictionaries import STATE_KEY, check_fingerprints, task_fingerprints
+from .dictionaries import check_fingerprints, task_fingerprints
 from .moe import comm
 from .run_lock import lock_save_dir
 from .safe_config import refuse_evaluated_code
@@ -65,10 +64,12 @@ def moe_memory_check(cfg, world: int = 1) -> None:
             f"--moe-ffn-embed-dim, or shard the experts over more processes")
 
 
-def check_model_config(cfg) -> None:
-    """Before a model is built from `cfg` (a checkpoint's or the command line's)."""
+def check_model_config(cfg, task=None) -> None:
+    """Before a model is built from `cfg` (a checkpoint's, or the command line's) for `task`'s data."""
     refuse_evaluated_code(cfg, "model")
     moe_memory_check(cfg, comm.world_size())
+    if task is not None:
+        check_fingerprints(task, _get(cfg, "dictionary_fingerprints"))
 
 
 class GuardedTask:
@@ -94,13 +95,8 @@ class GuardedTask:
         warn_unusable_experts(cfg, len(self.target_dictionary))
         if not from_checkpoint:
             guard_training(self, cfg)
-        model = super().build_model(cfg, from_checkpoint)
-        self.state.merge_state_dict({STATE_KEY: task_fingerprints(self)})  # saved in every checkpoint
-        return model
-
-    def load_state_dict(self, state_dict):
-        check_fingerprints(self, state_dict)  # fairseq-eval-lm, fairseq-generate, our tools: before the model
-        super().load_state_dict(state_dict)
+            cfg.dictionary_fingerprints = task_fingerprints(self)  # the checkpoints' config holds them
+        return super().build_model(cfg, from_checkpoint)
 
 
 def warn_unusable_experts(cfg, vocab: int) -> None:
@@ -174,7 +170,7 @@ def guard_training(task, cfg) -> None:
         refuse_finished_run(task, state, path)
         compare_moe_settings(_get(saved, "model"), cfg, path)
         check_world_size(task, saved, path)
-    check_fingerprints(task, state.get("task_state"), path)
+    check_fingerprints(task, _get(_get(saved, "model"), "dictionary_fingerprints"), path)
 
 
 def refuse_finished_run(task, state: dict, path: str) -> None:

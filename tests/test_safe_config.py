@@ -1,35 +1,12 @@
 """A string in a config field that fairseq passes to eval() never runs: every path that loads a checkpoint
 refuses it, naming the field, before a model is built."""
-import multiprocessing
 import os
 import re
-import sys
 
 import pytest
 import torch
 
 import helpers
-
-
-def _cli(module, argv, log_path):
-    torch.set_num_threads(1)
-    stream = open(log_path, "a", buffering=1)
-    sys.stdout = sys.stderr = stream
-    import importlib
-    import logging
-
-    logging.getLogger().handlers = [logging.StreamHandler(stream)]
-    sys.argv = [module, *map(str, argv)]
-    importlib.import_module(module).cli_main() if hasattr(importlib.import_module(module), "cli_main") else \
-        importlib.import_module(module).main()
-
-
-def run_forked(module, argv, log_path, timeout=180):
-    """Run `module`'s command line in a forked process; (exit code, log)."""
-    process = multiprocessing.get_context("fork").Process(target=_cli, args=(module, argv, log_path))
-    process.start()
-    process.join(timeout)
-    return process.exitcode, open(log_path).read()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +48,7 @@ def test_code_in_a_checkpoint_config_never_runs(trained, tmp_path, path_name):
     marker = tmp_path / "MARKER"
     ckpt = payload_checkpoint(source, str(tmp_path / "payload.pt"), marker)
     module, argv = loading_paths(data, ckpt, tmp_path)[path_name]
-    code, log = run_forked(module, argv, str(tmp_path / "run.log"))
+    code, log = helpers.run_forked(module, argv, str(tmp_path / "run.log"))
     assert not marker.exists(), f"{path_name} ran the checkpoint's code"
     assert code != 0
     assert "config field model.adaptive_softmax_cutoff = \"__import__('os')" in log, log[-3000:]

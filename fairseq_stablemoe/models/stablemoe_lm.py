@@ -39,7 +39,7 @@ class StableMoELMDecoder(FeedsDecoderTokenIds, TransformerDecoder):
 class StableMoELanguageModel(MoEModelMixin, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
-        check_model_config(args)  # before fairseq evaluates any of its fields
+        check_model_config(args, task)  # before fairseq evaluates any of its fields
         validate_moe_config(args, args.decoder_layers)
         # fairseq's transformer_lm builds the embeddings (plain, adaptive or character); we keep them and
         # replace its decoder by ours, which only adds MoE layers

@@ -80,7 +80,7 @@ class StableMoETransformerModel(MoEModelMixin, TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        check_model_config(args)  # before fairseq evaluates any of its fields
+        check_model_config(args, task)  # before fairseq evaluates any of its fields
         stablemoe_transformer(args)
         validate_translation_moe_config(args)
         model = super().build_model(args, task)
