@@ -70,7 +70,8 @@ def reshard(path: str, out: str, world_size: int, data: str = None):
     if data:
         cfg.task.data = data
     task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model)  # this process alone: every expert, every parameter, model order
+    # this process alone: every expert, every parameter, model order (no training: no save-dir lock, no resume)
+    model = task.build_model(cfg.model, from_checkpoint=True)
     saved_world = cfg.distributed_training.distributed_world_size
     saved = rank0_parameter_names(model, cfg.model, saved_world)
     new = rank0_parameter_names(model, cfg.model, world_size)

@@ -31,11 +31,12 @@ def _release(path: str, fd: int) -> None:
 
 
 def lock_save_dir(save_dir: str) -> None:
-    """Hold SAVE_DIR's lock until this process exits, or raise SaveDirLocked naming the live holder."""
+    """Hold SAVE_DIR's lock until this process exits, or raise SaveDirLocked naming the live holder.
+    fairseq-train creates the save dir before it builds the model; a model built by hand in a process that
+    never made that directory (a script, a test) is not a training run and takes no lock."""
     save_dir = os.path.abspath(save_dir)
-    if save_dir in _held:
+    if save_dir in _held or not os.path.isdir(save_dir):
         return
-    os.makedirs(save_dir, exist_ok=True)
     path = os.path.join(save_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

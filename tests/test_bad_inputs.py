@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import helpers
-from fairseq_stablemoe import guard
 from fairseq_stablemoe.checkpoints import CheckpointError, prepare_resume
 
 
@@ -86,6 +85,8 @@ def test_flattened_fp16_on_cpu_is_refused(data):
 
 
 def test_cpu_processes_need_legacy_ddp(monkeypatch):
+    from fairseq_stablemoe import guard
+
     options = {"cpu": True, "ddp_backend": "pytorch_ddp"}
     task = SimpleNamespace(_option=lambda name, default=None: options.get(name, default))
     monkeypatch.setattr(guard.comm, "world_size", lambda: 2)
@@ -98,8 +99,11 @@ def test_cpu_processes_need_legacy_ddp(monkeypatch):
 
 
 def test_only_the_writing_rank_locks(data, tmp_path, monkeypatch):
+    from fairseq_stablemoe import guard
+
     from fairseq_stablemoe.run_lock import LOCK_NAME
 
+    os.makedirs(tmp_path / "rank1"), os.makedirs(tmp_path / "rank0")  # as fairseq-train makes them
     monkeypatch.setattr(guard.comm, "rank", lambda: 1)  # a rank that does not write checkpoints
     helpers.build_for_training(data, save_dir=str(tmp_path / "rank1"))
     assert not (tmp_path / "rank1" / LOCK_NAME).exists()

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import helpers
-from fairseq_stablemoe import guard
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +38,8 @@ def test_changed_moe_flags_are_named_with_both_values(trained, tmp_path):
 
 
 def test_translation_per_side_flags_are_compared():
+    from fairseq_stablemoe import guard
+
     saved = {"encoder_moe_layers": 1, "decoder_moe_layers": 1, "encoder_moe_position": "middle", "moe_experts": 8}
     now = {"encoder_moe_layers": 0, "decoder_moe_layers": 1, "encoder_moe_position": "top", "moe_experts": 8}
     with pytest.raises(ValueError, match=r"--encoder-moe-layers 1 \(checkpoint\) / 0 \(command line\), "
