@@ -12,6 +12,7 @@ import sys
 from typing import Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 
 from .checkpoints import check_checkpoint, prepare_resume
 from .dictionaries import check_fingerprints, task_fingerprints
@@ -95,7 +96,8 @@ class GuardedTask:
         warn_unusable_experts(cfg, len(self.target_dictionary))
         if not from_checkpoint:
             guard_training(self, cfg)
-            cfg.dictionary_fingerprints = task_fingerprints(self)  # the checkpoints' config holds them
+            if not OmegaConf.is_config(cfg) or "dictionary_fingerprints" in cfg:  # our models' configs
+                cfg.dictionary_fingerprints = task_fingerprints(self)  # the checkpoints' config holds them
         return super().build_model(cfg, from_checkpoint)
 
 
