@@ -38,6 +38,10 @@ if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_GLOBALS)
 
 
+# torch.save's legacy (pre-zip) format starts by pickling this magic number (protocol 2)
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
 class CheckpointError(ValueError):
     pass
 
@@ -46,8 +50,9 @@ def is_intact(path: str) -> bool:
     """A torch zip checkpoint whose central directory (written last) is there: not truncated."""
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                return os.path.getsize(path) > 0  # legacy (pre-zip) format: torch.load will judge it
+            head = f.read(len(LEGACY_MAGIC))
+            if head[:4] != b"PK\x03\x04":
+                return head == LEGACY_MAGIC  # torch's legacy (pre-zip) format; anything else is not a checkpoint
         with zipfile.ZipFile(path) as z:
             return any(name.endswith("/data.pkl") for name in z.namelist())
     except (OSError, zipfile.BadZipFile):
@@ -63,6 +68,11 @@ def unsafe_globals(path: str) -> List[str]:
 
 def check_checkpoint(path: str, flag: str = "--restore-file") -> None:
     """Raise a CheckpointError naming the problem and the fix if fairseq could not safely load `path`."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{flag} {path} is a directory: name a checkpoint file in it, e.g. "
+                              f"{flag} {os.path.join(path, 'checkpoint_last.pt')}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{flag} {path} does not exist")
     if not is_intact(path):
         raise CheckpointError(
             f"{flag} {path} is truncated or not a checkpoint ({os.path.getsize(path)} bytes, no zip central "
@@ -117,3 +127,15 @@ def prepare_resume(save_dir: str, restore_file: str) -> Optional[str]:
                               f"to resume from {os.path.join(save_dir, 'checkpoint_last.pt')}")
     check_checkpoint(restore_file)
     return restore_file
+
+
+def load_checked(path: str, arg_overrides=None, flag: str = "--path") -> dict:
+    """A checkpoint for our tools: refused if unsafe (pickles, or code in a field fairseq evaluates)."""
+    from fairseq import checkpoint_utils
+
+    from .safe_config import refuse_evaluated_code
+
+    check_checkpoint(path, flag)
+    state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
+    refuse_evaluated_code(state.get("cfg") or {"model": state.get("args")}, "")
+    return state

@@ -15,9 +15,10 @@ import logging
 from typing import Dict, List
 
 import torch
-from fairseq import checkpoint_utils, tasks
+from fairseq import tasks
 from omegaconf import OmegaConf
 
+from .checkpoints import load_checked
 from .moe import MoELayer
 from .moe.expert_parallel import expert_parallel_world, expert_shard
 
@@ -64,12 +65,13 @@ def reshard_optimizer_state(optim_state: Dict, saved_names: List[str], new_names
 
 
 def reshard(path: str, out: str, world_size: int, data: str = None):
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    state = load_checked(path, flag="checkpoint")
     cfg = state["cfg"] if OmegaConf.is_config(state["cfg"]) else OmegaConf.create(state["cfg"])
     if data:
         cfg.task.data = data
     task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model)  # this process alone: every expert, every parameter, model order
+    # this process alone: every expert, every parameter, model order (no training: no save-dir lock, no resume)
+    model = task.build_model(cfg.model, from_checkpoint=True)
     saved_world = cfg.distributed_training.distributed_world_size
     saved = rank0_parameter_names(model, cfg.model, saved_world)
     new = rank0_parameter_names(model, cfg.model, world_size)
@@ -89,6 +91,9 @@ def main(argv=None):
     parser.add_argument("--world-size", type=int, required=True, help="processes that will resume from it")
     parser.add_argument("--data", help="data directory, if it moved since training (for the dictionary)")
     args = parser.parse_args(argv)
+    if args.world_size < 1:
+        parser.error(f"--world-size must be at least 1 (got {args.world_size}): the number of processes that "
+                     f"will resume from the output")
     reshard(args.checkpoint, args.output, args.world_size, args.data)
 
 

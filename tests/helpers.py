@@ -192,3 +192,24 @@ def run_fairseq_train(argv, log_path, timeout=120):
         process.kill()
         raise AssertionError(f"fairseq-train failed ({process.exitcode}):\n{log[-4000:]}")
     return log
+
+
+def _fairseq_cli(module, argv, log_path):
+    import importlib
+
+    torch.set_num_threads(1)
+    stream = open(log_path, "a", buffering=1)
+    sys.stdout = sys.stderr = stream
+    logging.getLogger().handlers = [logging.StreamHandler(stream)]
+    logging.getLogger().setLevel(logging.INFO)
+    sys.argv = [module, *map(str, argv)]
+    cli = importlib.import_module(module)
+    (cli.cli_main if hasattr(cli, "cli_main") else cli.main)()
+
+
+def run_forked(module, argv, log_path, timeout=180):
+    """`python -m module argv` (a fairseq CLI or one of ours) in a forked process; (exit code, log)."""
+    process = multiprocessing.get_context("fork").Process(target=_fairseq_cli, args=(module, argv, log_path))
+    process.start()
+    process.join(timeout)
+    return process.exitcode, open(log_path).read()

@@ -10,6 +10,7 @@ from collections import OrderedDict
 import torch
 from fairseq import checkpoint_utils, utils
 
+from ..checkpoints import load_checked
 from ..moe import MoELayer
 from ..moe.probe import forward_until
 from . import quiet_logging
@@ -65,9 +66,15 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch (default: 4096)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
     args = parser.parse_args(argv)
+    if args.top < 0:
+        parser.error(f"--top must be >= 0 (got {args.top}): the number of tokens listed per expert")
+    if args.max_tokens < 1:
+        parser.error(f"--max-tokens must be at least 1 (got {args.max_tokens})")
     quiet_logging()
 
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
+    overrides = {"data": args.data}
+    state = load_checked(args.path, overrides)
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], overrides, state=state)
     model = models[0].eval()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model.to(device)

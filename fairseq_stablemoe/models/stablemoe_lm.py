@@ -13,6 +13,7 @@ from ..moe import (
     DecoderMoELayer, FeedsDecoderTokenIds, MoEConfig, Vocabulary, build_moe_layer, place_moe_layers,
     validate_moe_config,
 )
+from ..guard import check_model_config
 from .common import MoEModelMixin, set_defaults
 
 
@@ -38,6 +39,7 @@ class StableMoELMDecoder(FeedsDecoderTokenIds, TransformerDecoder):
 class StableMoELanguageModel(MoEModelMixin, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
+        check_model_config(args, task)  # before fairseq evaluates any of its fields
         validate_moe_config(args, args.decoder_layers)
         # fairseq's transformer_lm builds the embeddings (plain, adaptive or character); we keep them and
         # replace its decoder by ours, which only adds MoE layers

@@ -16,6 +16,7 @@ from ..moe import (
     DecoderMoELayer, EncoderMoELayer, FeedsDecoderTokenIds, FeedsEncoderTokenIds, MoELayer, MoELayerConfig,
     Vocabulary, build_moe_layer, place_moe_layers, validate_moe_layer_config,
 )
+from ..guard import check_model_config
 from ..moe.config import MOE_POSITIONS, validate_choice
 from .common import MoEModelMixin, set_defaults
 
@@ -71,6 +72,7 @@ class StableMoETransformerModel(MoEModelMixin, TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
+        check_model_config(args, task)  # before fairseq evaluates any of its fields
         stablemoe_transformer(args)
         validate_translation_moe_config(args)
         model = super().build_model(args, task)

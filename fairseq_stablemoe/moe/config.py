@@ -1,6 +1,7 @@
 """The MoE flags shared by every model of the plugin, and their checks."""
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
@@ -51,6 +52,9 @@ class MoELayerConfig(FairseqDataclass):
         metadata={"help": "with W > 1 processes: shard the experts, N/W per rank, and send tokens to them by "
                           "all-to-all (on), or replicate every expert on every rank (off); auto = on when W "
                           "divides --moe-experts"})
+    dictionary_fingerprints: Optional[str] = field(
+        default=None, metadata={"help": "set by fairseq-train: the dictionaries the model is trained with "
+                                        "(fairseq_stablemoe/dictionaries.py); loading refuses other ones"})
 
 
 @dataclass

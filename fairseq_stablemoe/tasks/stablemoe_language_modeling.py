@@ -1,9 +1,11 @@
 from dataclasses import dataclass
+from typing import Optional
 
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import II
 
+from ..guard import GuardedTask
 from .routing_probes import RoutingProbeConfig
 from .stage import StageSwitchingTask
 
@@ -14,8 +16,16 @@ class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig
     max_update: int = II("optimization.max_update")
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
+    # what the checks before training read (fairseq_stablemoe/guard.py)
+    finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
+    reset_optimizer: bool = II("checkpoint.reset_optimizer")
+    fp16: bool = II("common.fp16")
+    memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
+    fp16_no_flatten_grads: bool = II("common.fp16_no_flatten_grads")
+    cpu: bool = II("common.cpu")
+    ddp_backend: str = II("distributed_training.ddp_backend")
 
 
 @register_task("stablemoe_language_modeling", dataclass=StableMoELanguageModelingConfig)
-class StableMoELanguageModelingTask(StageSwitchingTask, LanguageModelingTask):
+class StableMoELanguageModelingTask(GuardedTask, StageSwitchingTask, LanguageModelingTask):
     """fairseq's language_modeling, plus the StableMoE stage switch and routing probes in the update loop."""

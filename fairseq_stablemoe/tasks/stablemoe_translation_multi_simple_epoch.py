@@ -6,6 +6,7 @@ from fairseq.data.multilingual.multilingual_utils import get_lang_tok
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
+from ..guard import GuardedTask
 from ..moe import moe_layers
 from .expert_usage import language_expert_counts, log_language_usage, routing_decisions
 from .routing_probes import add_routing_probe_args
@@ -13,7 +14,7 @@ from .stage import StageSwitchingTask
 
 
 @register_task("stablemoe_translation_multi_simple_epoch")
-class StableMoETranslationMultiSimpleEpochTask(StageSwitchingTask, TranslationMultiSimpleEpochTask):
+class StableMoETranslationMultiSimpleEpochTask(GuardedTask, StageSwitchingTask, TranslationMultiSimpleEpochTask):
     """Language tokens, temperature sampling, one or many pairs, shared or separate dictionaries: all fairseq's.
     Adds the stage switch, routing probes (--routing-probe-interval) and per-language expert usage."""
 

@@ -1,0 +1,112 @@
+"""Corrupt files, odd values, mixed precision on the wrong device, a CPU DDP backend: each gets one line with
+the fix, before anything is allocated or loaded."""
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import helpers
+from fairseq_stablemoe.checkpoints import CheckpointError, prepare_resume
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return helpers.tiny_lm_data(tmp_path_factory.mktemp("bad"))
+
+
+def test_random_bytes_in_checkpoint_last_are_repaired_from_checkpoint_best(tmp_path, caplog):
+    best, last = str(tmp_path / "checkpoint_best.pt"), str(tmp_path / "checkpoint_last.pt")
+    torch.save({"model": {"w": torch.ones(3)}}, best)
+    with open(last, "wb") as f:
+        f.write(os.urandom(5000))
+    with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe"):
+        assert prepare_resume(str(tmp_path), "checkpoint_last.pt") == last
+    assert torch.load(last)["model"]["w"].sum() == 3
+    assert f"replaced it with {best}" in caplog.text
+
+
+def test_restore_file_naming_a_directory(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        prepare_resume(str(tmp_path / "ckpt"), str(tmp_path))
+    assert str(err.value) == (f"--restore-file {tmp_path} is a directory: name a checkpoint file in it, e.g. "
+                              f"--restore-file {tmp_path}/checkpoint_last.pt")
+
+
+@pytest.mark.parametrize("world", ["0", "-2"])
+def test_reshard_world_size_must_be_positive(tmp_path, capsys, world):
+    from fairseq_stablemoe import reshard_checkpoint
+
+    with pytest.raises(SystemExit) as exit_:
+        reshard_checkpoint.main([str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), "--world-size", world])
+    assert exit_.value.code == 2
+    assert (f"--world-size must be at least 1 (got {world}): the number of processes that will resume from the "
+            f"output") in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_expert_tokens_top_must_not_be_negative(tmp_path, capsys):
+    from fairseq_stablemoe.analysis import expert_tokens
+
+    with pytest.raises(SystemExit):
+        expert_tokens.main([str(tmp_path), "--path", str(tmp_path / "x.pt"), "--top", "-3"])
+    assert "--top must be >= 0 (got -3): the number of tokens listed per expert" in capsys.readouterr().err
+
+
+def test_experts_that_cannot_fit_are_refused_before_allocating(data):
+    with pytest.raises(ValueError) as err:
+        helpers.build_for_training(data, "--moe-experts", "100000", "--moe-ffn-embed-dim", "100000")
+    assert str(err.value).startswith("--moe-experts 100000 × --moe-sublayers 1 makes 650.0B expert parameters per "
+                                     "process, 2600.0 GB in fp32 (weights alone), more than this machine's ")
+
+
+def test_more_experts_than_dictionary_entries_warns(data, caplog):
+    with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe"):
+        helpers.build_for_training(data, "--moe-experts", "64")
+    assert ("--moe-experts 64 is more than the dictionary's 48 entries: --moe-routing stablemoe sends each token id "
+            "to one fixed expert (in stage 2), so at most 48 experts are ever used; use at most 48 experts"
+            ) in caplog.text
+
+
+def test_bf16_on_the_command_line_is_refused(data):
+    with pytest.raises(ValueError) as err:
+        helpers.build_for_training(data, "--bf16")
+    assert str(err.value) == ("--bf16 on fairseq-train's command line turns on --tpu (fairseq's options.py), which "
+                              "needs torch_xla: for bf16 see README.md, section 'Mixed precision'; on a GPU --fp16 "
+                              "--fp16-no-flatten-grads (or --amp) works")
+
+
+def test_flattened_fp16_on_cpu_is_refused(data):
+    with pytest.raises(ValueError) as err:
+        helpers.build_for_training(data, "--fp16")
+    assert str(err.value) == ("--fp16 without --fp16-no-flatten-grads needs a GPU (fairseq's flattened fp16 optimizer "
+                              "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train with --amp or in fp32")
+
+
+def test_cpu_processes_need_legacy_ddp(monkeypatch):
+    from fairseq_stablemoe import guard
+
+    options = {"cpu": True, "ddp_backend": "pytorch_ddp"}
+    task = SimpleNamespace(_option=lambda name, default=None: options.get(name, default))
+    monkeypatch.setattr(guard.comm, "world_size", lambda: 2)
+    with pytest.raises(ValueError) as err:
+        guard.check_precision(task)
+    assert str(err.value) == ("--ddp-backend pytorch_ddp with 2 CPU processes ends in torch's device_ids error: add "
+                              "--ddp-backend legacy_ddp")
+    options["ddp_backend"] = "legacy_ddp"
+    guard.check_precision(task)
+
+
+def test_only_the_writing_rank_locks(data, tmp_path, monkeypatch):
+    from fairseq_stablemoe import guard
+
+    from fairseq_stablemoe.run_lock import LOCK_NAME
+
+    os.makedirs(tmp_path / "rank1"), os.makedirs(tmp_path / "rank0")  # as fairseq-train makes them
+    monkeypatch.setattr(guard.comm, "rank", lambda: 1)  # a rank that does not write checkpoints
+    helpers.build_for_training(data, save_dir=str(tmp_path / "rank1"))
+    assert not (tmp_path / "rank1" / LOCK_NAME).exists()
+    monkeypatch.setattr(guard.comm, "rank", lambda: 0)
+    helpers.build_for_training(data, save_dir=str(tmp_path / "rank0"))
+    assert (tmp_path / "rank0" / LOCK_NAME).exists()
