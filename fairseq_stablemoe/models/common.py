@@ -9,6 +9,17 @@ class MoEModelMixin:
     # set by StageSwitchingTask.build_model: only such a task switches StableMoE's stages in training
     stage_switching_task = False
 
+    @classmethod
+    def hub_models(cls):
+        # fairseq's transformer/transformer_lm list dense downloads here; no StableMoE model is published
+        return {}
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
+        from ..hub import from_pretrained
+
+        return from_pretrained(cls, model_name_or_path, checkpoint_file, data_name_or_path, **kwargs)
+
     def moe_layers(self) -> List[MoELayer]:
         return list(moe_layers(self))
 
