@@ -1,4 +1,5 @@
-"""fairseq's own Python API on trained StableMoE models: from_pretrained, score, sample, translate.
+"""fairseq's own Python API on trained StableMoE models (from_pretrained, score, sample, translate), and
+fairseq-eval-lm on them.
 
 The LM is trained and evaluated with --sample-break-mode eos: fairseq's TokenBlockDataset path that numpy 2
 breaks (np.compat), also taken by the hub's score() and sample().
@@ -27,12 +28,31 @@ def lm(tmp_path_factory):
 
 def test_eval_lm_with_sample_break_mode_eos(lm):
     data, ckpt = lm
-    out = run_cli("fairseq_cli.eval_lm", [data, "--user-dir", PLUGIN, "--path", ckpt / "checkpoint_best.pt",
+    out = run_cli("fairseq_cli.eval_lm", [data, "--user-dir", PLUGIN, "--task", "stablemoe_language_modeling",
+                                          "--path", ckpt / "checkpoint_best.pt", "--tokens-per-sample", 32,
                                           "--sample-break-mode", "eos", "--gen-subset", "test", "--cpu",
                                           "--num-workers", 0])
     # every test sentence is one sample: 20 sentences of 4..24 words + </s>
     assert re.search(r"Evaluated (\d+) tokens", out) and int(re.search(r"Evaluated (\d+) tokens", out)[1]) > 100
     assert re.search(r"Perplexity: \d+\.\d+", out)
+
+
+def test_eval_lm_that_would_score_no_token_is_an_error(lm):
+    data, ckpt = lm  # trained with --tokens-per-sample 32: the model has 32 positions
+    with pytest.raises(RuntimeError, match=r"longer than the model's 32 positions .*pass --tokens-per-sample 32"):
+        run_cli("fairseq_cli.eval_lm", [data, "--user-dir", PLUGIN, "--task", "stablemoe_language_modeling",
+                                        "--path", ckpt / "checkpoint_best.pt", "--tokens-per-sample", 64,
+                                        "--gen-subset", "test", "--cpu", "--num-workers", 0])
+
+
+def test_skipping_most_samples_warns(caplog):
+    from fairseq_stablemoe.tasks.skipped_samples import check_skipped
+
+    check_skipped(100, 60, 128, 128)
+    assert not caplog.records
+    check_skipped(100, 40, 128, 1024)
+    assert "60 of 100 samples (60%) are longer than the model's 128 positions and are SKIPPED" in caplog.text
+    assert "pass --tokens-per-sample 128" in caplog.text
 
 
 def test_package_exports_models_and_advertises_no_downloads():
