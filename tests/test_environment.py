@@ -38,3 +38,22 @@ def test_numpy_without_compat_is_reported(monkeypatch):
 
     monkeypatch.delattr(numpy, "compat", raising=False)
     assert "numpy<2" in environment.numpy_problem()
+
+
+def test_docs_errors_rows_show_the_exact_messages(monkeypatch, caplog):
+    import numpy
+
+    from fairseq_stablemoe.hub import check_languages
+    from fairseq_stablemoe.tasks.skipped_samples import check_skipped
+    from test_errors import doc_messages
+
+    rows = doc_messages()
+    monkeypatch.delattr(numpy, "compat", raising=False)
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert rows["numpy-2"] == environment.numpy_problem()
+    try:
+        check_languages({}, ["xx", "en"])
+    except ValueError as e:
+        assert rows["hub-direction"] == str(e)
+    check_skipped(100, 40, 128, 1024)
+    assert rows["eval-most-skipped"] == caplog.records[-1].getMessage()
