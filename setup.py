@@ -17,14 +17,15 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "torch>=1.13",
-        # fairseq main with the Python 3.11 fixes; the same `fairseq` module
+        # fairseq main with the Python 3.11 fixes; the same `fairseq` module. The plugin subclasses fairseq's
+        # models, tasks and trainer hooks: tested with 0.12.3.1, a next minor release may move them
         "fairseq-fixed>=0.12.3.1,<0.13",
         # fairseq's TokenBlockDataset (--sample-break-mode eos/complete, fairseq-eval-lm, the hub's
         # score()/sample()) uses np.compat, which numpy 2 removed
         "numpy>=1.21.3,<2",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "tensorboard", "sacrebleu>=2.0"],  # what tests/ imports or runs
         # fairseq writes --tensorboard-logdir only when it can import torch.utils.tensorboard (needs tensorboard);
         # its speech tasks log "Please install tensorboardX" at every start-up without tensorboardX
         "tensorboard": ["tensorboard", "tensorboardX"],
