@@ -10,11 +10,7 @@
 It is fairseq's GeneratorHubInterface; for multilingual translation it also drops the target-language tag
 that the task forces as the first output token (fairseq-generate drops it too; fairseq's hub does not).
 """
-import logging
-
 from fairseq import hub_utils
-
-logger = logging.getLogger(__name__)
 
 
 def target_language_tag(task):
@@ -46,10 +42,9 @@ class StableMoEHubInterface(hub_utils.GeneratorHubInterface):
 
 
 def from_pretrained(model_cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
-    """fairseq's BaseFairseqModel.from_pretrained, with StableMoEHubInterface (and the config at debug level)."""
+    """fairseq's BaseFairseqModel.from_pretrained with StableMoEHubInterface, less its log of the whole config."""
     if ("source_lang" in kwargs) != ("target_lang" in kwargs):
         check_languages(kwargs)  # fairseq's task set-up would fail first, on a language pair "xx-None"
     loaded = hub_utils.from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path,
                                        archive_map=model_cls.hub_models(), **kwargs)
-    logger.debug(loaded["args"])
     return StableMoEHubInterface(loaded["args"], loaded["task"], loaded["models"])
