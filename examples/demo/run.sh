@@ -24,7 +24,7 @@ fi
 # stablemoe_lm_tiny: 4 blocks of 128/512, one MoE layer of 8 experts x 2 sublayers after block 2.
 # On screen, what matters while it trains: the plugin's lines (parameters, stage switch, warnings), progress and
 # validation; the whole log (model, config) goes to $OUT/train.log.
-if ! fairseq-train "$OUT/bin" --user-dir fairseq_stablemoe --cpu \
+if ! PYTHONUNBUFFERED=1 fairseq-train "$OUT/bin" --user-dir fairseq_stablemoe --cpu \
   --task stablemoe_language_modeling --arch stablemoe_lm_tiny \
   --criterion stablemoe_cross_entropy --balance-factor 0.3 --distill-factor 0.3 \
   --stage1-updates "$STAGE1" --max-update "$UPDATES" \
@@ -32,8 +32,8 @@ if ! fairseq-train "$OUT/bin" --user-dir fairseq_stablemoe --cpu \
   --lr-scheduler polynomial_decay --total-num-update "$UPDATES" --warmup-updates $((UPDATES / 20)) \
   --tokens-per-sample 128 --sample-break-mode none --batch-size 8 \
   --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --validate-interval-updates $((UPDATES / 4)) --max-valid-steps 50 \
-  --log-format simple --log-interval 50 --seed 1 2>&1 | tee "$OUT/train.log" \
-  | grep --line-buffered -E "fairseq_stablemoe|\| (train_inner|valid) \||WARNING|ERROR|done training"; then
+  --log-format simple --log-interval $(( UPDATES >= 10 ? UPDATES / 10 : 1 )) --seed 1 2>&1 | tee "$OUT/train.log" \
+  | grep --line-buffered -E "\| fairseq_stablemoe\.|\| (train_inner|valid) \||WARNING|ERROR|done training"; then
   echo "fairseq-train failed; the end of $OUT/train.log:"
   tail -40 "$OUT/train.log"
   exit 1
