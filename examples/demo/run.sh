@@ -44,7 +44,7 @@ echo "=== evaluation (the frozen distilled router routes; the full log: $OUT/tra
 for split in valid test; do
   fairseq-eval-lm "$OUT/bin" --user-dir fairseq_stablemoe --task stablemoe_language_modeling --cpu \
     --path "$OUT/checkpoints/checkpoint_last.pt" --gen-subset "$split" --tokens-per-sample 128 --batch-size 16 \
-    2>&1 | grep -E "Perplexity|WARNING|Error" | sed "s/^/$split: /"
+    2>&1 | grep -E "Perplexity|WARNING|Error" | sed -E "s/^INFO:fairseq_cli.eval_lm://; s/^/$split: /"
 done
 echo
 echo "=== routing statistics at the last logged updates (train_inner) and the last validation ==="
