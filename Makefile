@@ -10,12 +10,14 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # fairseq's C++ extensions must be built against the torch that runs them: torch first, then fairseq
-# without build isolation.
+# without build isolation; numpy < 2 because fairseq uses np.compat. The last step checks the result
+# (numpy, and a fairseq.libbase that loads with this torch) and says how to rebuild if not.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" cython numpy setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH)" cython "numpy<2" setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,tensorboard,examples]"
+	$(PY) -c "import fairseq_stablemoe.environment as e; e.main()"
 	touch $(STAMP)
 
 test: $(STAMP)

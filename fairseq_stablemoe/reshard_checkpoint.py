@@ -1,7 +1,7 @@
 """Make a checkpoint resumable with another number of processes.
 
-    python -m fairseq_stablemoe.reshard_checkpoint ckpt/checkpoint_last.pt ckpt1/checkpoint_last.pt \
-        --world-size 1 [--data DATA_DIR]
+    stablemoe-reshard-checkpoint ckpt/checkpoint_last.pt ckpt1/checkpoint_last.pt --world-size 1 [--data DATA_DIR]
+    (the same: python -m fairseq_stablemoe.reshard_checkpoint ...)
 
 The model weights in a checkpoint never depend on the world size (every expert is stored under its
 global id), so fairseq-eval-lm / fairseq-generate and fine-tuning with --reset-optimizer need nothing.
@@ -85,7 +85,8 @@ def reshard(path: str, out: str, world_size: int, data: str = None):
 
 def main(argv=None):
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="stablemoe-reshard-checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("output")
     parser.add_argument("--world-size", type=int, required=True, help="processes that will resume from it")

@@ -14,11 +14,17 @@ if [ ! -s "$OUT/spm.model" ]; then
   python examples/sentencepiece_bpe.py encode --model "$OUT/spm.model" \
     --inputs "$OUT"/text/{train,valid,test}.txt --outputs "$OUT"/text/{train,valid,test}.bpe
 fi
-[ -s "$OUT/bin/dict.txt" ] || fairseq-preprocess --only-source --trainpref "$OUT/text/train.bpe" \
-  --validpref "$OUT/text/valid.bpe" --testpref "$OUT/text/test.bpe" --destdir "$OUT/bin" --workers 2
+if [ ! -s "$OUT/bin/dict.txt" ]; then  # its settings and progress go to $OUT/preprocess.log
+  fairseq-preprocess --only-source --trainpref "$OUT/text/train.bpe" --validpref "$OUT/text/valid.bpe" \
+    --testpref "$OUT/text/test.bpe" --destdir "$OUT/bin" --workers 2 > "$OUT/preprocess.log" 2>&1 \
+    || { tail -20 "$OUT/preprocess.log"; exit 1; }
+  grep -E "sents,|Wrote" "$OUT/preprocess.log" | sed 's/^INFO:fairseq_cli.preprocess://'
+fi
 
 # stablemoe_lm_tiny: 4 blocks of 128/512, one MoE layer of 8 experts x 2 sublayers after block 2.
-fairseq-train "$OUT/bin" --user-dir fairseq_stablemoe --cpu \
+# On screen, what matters while it trains: the plugin's lines (parameters, stage switch, warnings), progress and
+# validation; the whole log (model, config) goes to $OUT/train.log.
+if ! PYTHONUNBUFFERED=1 fairseq-train "$OUT/bin" --user-dir fairseq_stablemoe --cpu \
   --task stablemoe_language_modeling --arch stablemoe_lm_tiny \
   --criterion stablemoe_cross_entropy --balance-factor 0.3 --distill-factor 0.3 \
   --stage1-updates "$STAGE1" --max-update "$UPDATES" \
@@ -26,15 +32,22 @@ fairseq-train "$OUT/bin" --user-dir fairseq_stablemoe --cpu \
   --lr-scheduler polynomial_decay --total-num-update "$UPDATES" --warmup-updates $((UPDATES / 20)) \
   --tokens-per-sample 128 --sample-break-mode none --batch-size 8 \
   --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --validate-interval-updates $((UPDATES / 4)) --max-valid-steps 50 \
-  --log-format simple --log-interval 50 --seed 1 2>&1 | tee "$OUT/train.log" | grep -v -i warn
+  --log-format simple --log-interval $(( UPDATES >= 10 ? UPDATES / 10 : 1 )) --seed 1 2>&1 | tee "$OUT/train.log" \
+  | grep --line-buffered -E "\| fairseq_stablemoe\.|\| (train_inner|valid) \||WARNING|ERROR|done training"; then
+  echo "fairseq-train failed; the end of $OUT/train.log:"
+  tail -40 "$OUT/train.log"
+  exit 1
+fi
 
 echo
-echo "=== evaluation (the frozen distilled router routes) ==="
+echo "=== evaluation (the frozen distilled router routes; the full log: $OUT/train.log) ==="
 for split in valid test; do
-  fairseq-eval-lm "$OUT/bin" --user-dir fairseq_stablemoe --cpu --path "$OUT/checkpoints/checkpoint_last.pt" \
-    --gen-subset "$split" --tokens-per-sample 128 --batch-size 16 2>&1 | grep "Perplexity" | sed "s/^/$split: /"
+  fairseq-eval-lm "$OUT/bin" --user-dir fairseq_stablemoe --task stablemoe_language_modeling --cpu \
+    --path "$OUT/checkpoints/checkpoint_last.pt" --gen-subset "$split" --tokens-per-sample 128 --batch-size 16 \
+    2>&1 | grep -E "Perplexity|WARNING|Error" | sed -E "s/^INFO:fairseq_cli.eval_lm://; s/^/$split: /"
 done
 echo
-echo "=== routing statistics (last training and validation log lines) ==="
-grep "| train |" "$OUT/train.log" | tail -1 | tr '|' '\n' | grep -E "balance|distill|load|unused|dropped|stage"
+echo "=== routing statistics at the last logged updates (train_inner) and the last validation ==="
+grep "| train_inner |" "$OUT/train.log" | tail -1 | sed 's/.*epoch [0-9]*: *//' | tr ',' '\n' \
+  | grep -E "num_updates|balance|distill|load|unused|dropped|stage"
 grep "| valid |" "$OUT/train.log" | tail -1 | tr '|' '\n' | grep -E "ppl|distill_acc|load|unused"

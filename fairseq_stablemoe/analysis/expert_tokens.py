@@ -1,14 +1,19 @@
 """Which tokens each expert gets (paper Table 9): a checkpoint's inference routing on a data split.
 
-    python -m fairseq_stablemoe.analysis.expert_tokens DATA_DIR --path CKPT [--split valid] [--top 10]
+    stablemoe-expert-tokens DATA_DIR --path CKPT [--split valid] [--top 10] [--cpu]
+    (the same: python -m fairseq_stablemoe.analysis.expert_tokens ...)
 
 Prints, per MoE layer, each expert's share of the routed tokens (its load) and its most frequent tokens.
+Example, on the model `make demo` trains:
+
+    stablemoe-expert-tokens demo/bin --path demo/checkpoints/checkpoint_last.pt --split test --top 8 --cpu
 """
 import argparse
 from collections import OrderedDict
 
 import torch
 from fairseq import checkpoint_utils, utils
+from tqdm import tqdm
 
 from ..checkpoints import load_checked
 from ..moe import MoELayer
@@ -57,7 +62,7 @@ def report(counts: "OrderedDict[str, torch.Tensor]", dictionaries, split: str, t
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fairseq_stablemoe.analysis.expert_tokens", description=__doc__,
+    parser = argparse.ArgumentParser(prog="stablemoe-expert-tokens", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", metavar="DATA_DIR", help="the binarized data directory the model was trained on")
     parser.add_argument("--path", required=True, metavar="CKPT", help="a checkpoint (e.g. SAVE_DIR/checkpoint_best.pt)")
@@ -89,7 +94,8 @@ def main(argv=None):
         max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
         ignore_invalid_inputs=True, num_workers=0,
     ).next_epoch_itr(shuffle=False)
-    for sample in batches:
+    # a progress bar on a terminal only (stderr): the report on stdout stays clean
+    for sample in tqdm(batches, desc=f"routing {args.split}", unit="batch", disable=None):
         if sample:
             counts.add(utils.apply_to_sample(lambda t: t.to(device), sample)["net_input"])
     print(report(counts.counts, dictionary, args.split, args.top))

@@ -1,6 +1,11 @@
 """Routing fluctuation from the probes recorded with --routing-probe-interval (paper §1.1, Figs. 2 and 7).
 
-    python -m fairseq_stablemoe.analysis.fluctuation SAVE_DIR [SAVE_DIR ...] [--plot fluctuation.png]
+    stablemoe-fluctuation SAVE_DIR [SAVE_DIR ...] [--after 20 50 80] [--plot fluctuation.png]
+    (the same: python -m fairseq_stablemoe.analysis.fluctuation ...)
+
+SAVE_DIR is a fairseq-train --save-dir trained with --routing-probe-interval K; e.g., comparing two runs:
+
+    stablemoe-fluctuation results/fluctuation/stablemoe results/fluctuation/switch --plot compare.png
 
 A token's last fluctuation step is the last probed update at which its expert differs from its expert
 at the final probe (0 if it never differs). Printed per MoE layer: the share of probe tokens whose last
@@ -95,7 +100,7 @@ def plot(runs, out: str):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fairseq_stablemoe.analysis.fluctuation", description=__doc__,
+    parser = argparse.ArgumentParser(prog="stablemoe-fluctuation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="SAVE_DIR",
                         help="a --save-dir trained with --routing-probe-interval, or its routing_probes.pt")

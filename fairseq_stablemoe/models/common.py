@@ -17,6 +17,17 @@ class MoEModelMixin:
     # task would skip the training loop's safeguards: the fp16 optimizer and resume checks, the expert gathering
     stage_switching_task = False
 
+    @classmethod
+    def hub_models(cls):
+        # fairseq's transformer/transformer_lm list dense downloads here; no StableMoE model is published
+        return {}
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
+        from ..hub import from_pretrained
+
+        return from_pretrained(cls, model_name_or_path, checkpoint_file, data_name_or_path, **kwargs)
+
     def moe_layers(self) -> List[MoELayer]:
         return list(moe_layers(self))
 

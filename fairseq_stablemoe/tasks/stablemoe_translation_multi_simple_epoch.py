@@ -25,6 +25,14 @@ class StableMoETranslationMultiSimpleEpochTask(GuardedTask, StageSwitchingTask, 
 
     _lang_tables = None  # (source, target) token id -> language index, built at the first validation batch
 
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        prefix_allowed_tokens_fn=None):
+        # fairseq's hub interface (translate(), sample()) passes prefix_allowed_tokens_fn, which
+        # translation_multi_simple_epoch's signature lacks
+        if prefix_allowed_tokens_fn is not None:
+            raise ValueError("prefix_allowed_tokens_fn is not supported by translation_multi_simple_epoch")
+        return super().build_generator(models, args, seq_gen_cls, extra_gen_cls_kwargs)
+
     def _language_of_token(self, dictionary) -> torch.Tensor:
         """Token id -> index in self.langs for the language tags (`__de__`), -1 for every other token."""
         table = torch.full((len(dictionary),), -1, dtype=torch.long)
