@@ -20,24 +20,46 @@ from omegaconf import OmegaConf
 
 from .moe import MoELayer
 from .moe.expert_parallel import expert_parallel_world, expert_shard
+from .moe.experts import CHECKPOINT_NAMES
 
 logger = logging.getLogger("fairseq_stablemoe.reshard_checkpoint")
 
 
 def rank0_parameter_names(model, cfg, world_size: int) -> List[str]:
-    """The trainable parameters rank 0 of `world_size` processes hands to its optimizer, in order."""
-    foreign = set()
-    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+    """The trainable parameters rank 0 of `world_size` processes hands to its optimizer, in order.
+
+    The experts' weights are stacked, so the names do not depend on the world size (only the shapes do)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def legacy_parameter_names(model, cfg, world_size: int) -> List[str]:
+    """The same, as the plugin named them before the experts' weights were stacked: one module per expert
+    ("...experts.experts.<global id>.<sublayer>.ff1.weight"), in id order, holding rank 0's experts only."""
+    names, done = [], set()
+    layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, MoELayer)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        layer_name = owner.rpartition(".")[0] if owner.endswith("experts") else None
+        if leaf not in CHECKPOINT_NAMES or layer_name not in layers:
+            names.append(name)
+            continue
+        if owner in done:
+            continue
+        done.add(owner)
+        layer = layers[layer_name]
         ep_world = expert_parallel_world(cfg, world_size, layer.num_experts)
-        mine = set(expert_shard(layer.num_experts, ep_world, 0))
-        for expert_id, expert in layer.experts.experts.items():
-            if int(expert_id) not in mine:
-                foreign.update(id(p) for p in expert.parameters())
-    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in foreign]
+        for expert_id in expert_shard(layer.num_experts, ep_world, 0):
+            for s in range(layer.experts.sublayers):
+                names.extend(f"{owner}.experts.{expert_id}.{s}.{key}" for key in CHECKPOINT_NAMES.values())
+    return names
 
 
 def is_expert_parameter(name: str) -> bool:
-    return ".experts.experts." in name or name.startswith("experts.experts.")
+    owner, _, leaf = name.rpartition(".")
+    stacked = leaf in CHECKPOINT_NAMES and (owner.endswith(".experts") or owner == "experts")
+    return stacked or ".experts.experts." in name or name.startswith("experts.experts.")
 
 
 def reshard_optimizer_state(optim_state: Dict, saved_names: List[str], new_names: List[str]) -> Dict:
@@ -73,7 +95,12 @@ def reshard(path: str, out: str, world_size: int, data: str = None):
     saved_world = cfg.distributed_training.distributed_world_size
     saved = rank0_parameter_names(model, cfg.model, saved_world)
     new = rank0_parameter_names(model, cfg.model, world_size)
-    if state.get("last_optimizer_state") is not None:
+    optim = state.get("last_optimizer_state")
+    legacy = legacy_parameter_names(model, cfg.model, saved_world)
+    if optim is not None and len(optim["param_groups"]) == 1 and len(optim["param_groups"][0]["params"]) == len(
+            legacy) != len(saved):
+        saved = legacy  # written before the experts' weights were stacked: one parameter per expert
+    if optim is not None:
         state["last_optimizer_state"] = reshard_optimizer_state(state["last_optimizer_state"], saved, new)
     cfg.distributed_training.distributed_world_size = world_size
     state["cfg"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

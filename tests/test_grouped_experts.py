@@ -1,0 +1,153 @@
+"""The experts' two implementations (one grouped GEMM per projection, or a loop over experts) and their
+checkpoint layout: one entry per expert, keyed by global id, as before the weights were stacked."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fairseq_stablemoe.moe import MoEConfig, build_moe_layer
+from fairseq_stablemoe.moe.experts import Experts, build_expert, grouped_mm_works
+from fairseq_stablemoe.reshard_checkpoint import is_expert_parameter, legacy_parameter_names
+
+DIM, FFN, SUBLAYERS = 16, 32, 2
+LOADS = {"balanced": [5, 5, 5, 5], "empty experts": [0, 9, 0, 3], "one expert takes all": [0, 0, 12, 0],
+         "no token": [0, 0, 0, 0]}
+needs_grouped = pytest.mark.skipif(not grouped_mm_works("cpu", torch.float32), reason="no torch._grouped_mm")
+
+
+def trained_experts(global_ids=range(4), dtype=torch.float32):
+    """Experts with non-zero output projections (fresh ones are the identity), the same for a given seed."""
+    experts = Experts(global_ids, DIM, FFN, SUBLAYERS, seed=7)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    return experts.to(dtype)
+
+
+def run(experts, impl, x, counts, autocast=False):
+    experts.impl = impl
+    experts.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = experts(x, counts)
+    (y.float() * torch.linspace(-1, 1, DIM)).sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in experts.named_parameters()}
+
+
+def assert_close(actual, expected, tol, msg=None):
+    """float32: elementwise; bfloat16 (8 bits of mantissa, rounded at other places by the two paths):
+    the error relative to the tensor's norm, elementwise differences of one bf16 step being expected."""
+    if tol < 1e-3:
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=msg)
+    else:
+        error = (actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-6)
+        assert error < tol, f"{msg}: relative error {error:.4f}"
+
+
+@needs_grouped
+@pytest.mark.parametrize("load", list(LOADS))
+@pytest.mark.parametrize("dtype,autocast,tol", [(torch.float32, False, 1e-5), (torch.bfloat16, False, 1e-2),
+                                                (torch.float32, True, 1e-2)],
+                         ids=["float32", "bfloat16", "autocast-bf16"])
+def test_grouped_and_loop_give_the_same_outputs_and_gradients(load, dtype, autocast, tol):
+    counts = LOADS[load]
+    experts = trained_experts(dtype=dtype)
+    x = torch.randn(sum(counts), DIM, generator=torch.Generator().manual_seed(0)).to(dtype)
+    grouped, loop = run(experts, "grouped", x, counts, autocast), run(experts, "loop", x, counts, autocast)
+    assert grouped[0].dtype == loop[0].dtype == dtype  # the residual stream keeps its dtype under autocast
+    assert_close(grouped[0], loop[0], tol)
+    if sum(counts):
+        assert_close(grouped[1], loop[1], tol)
+    for name, g in loop[2].items():
+        g = torch.zeros_like(experts.get_parameter(name)) if g is None else g
+        ga = grouped[2][name] if grouped[2][name] is not None else torch.zeros_like(g)
+        if g.any():
+            assert_close(ga, g, tol, msg=name)
+        for j, n in enumerate(counts):
+            if n == 0:  # an expert without tokens gets no gradient
+                assert not ga[:, j].any(), name
+    if load == "empty experts":
+        assert loop[2]["ff2_weight"][:, 1].abs().sum() > 0
+
+
+def test_loop_is_each_expert_on_its_rows():
+    experts, counts = trained_experts(), [2, 0, 3, 1]
+    x = torch.randn(6, DIM)
+    experts.impl = "loop"
+    y = experts(x, counts)
+    rows = x.split(counts)
+    expected = torch.cat([experts.expert(i)(rows[i]) for i in range(4)])
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_auto_uses_grouped_only_where_it_runs():
+    x = torch.zeros(4, DIM)
+    assert Experts([0], DIM, FFN, 1).uses_grouped(x) == grouped_mm_works("cpu", torch.float32)
+    assert not Experts([0], 6, FFN, 1).uses_grouped(torch.zeros(4, 6))  # rows of 24 bytes: not 16-byte aligned
+    assert not Experts([0], DIM, FFN, 1, impl="loop").uses_grouped(x)
+    with pytest.raises(ValueError, match="impl"):
+        Experts([0], DIM, FFN, 1, impl="fast").uses_grouped(x)
+
+
+class PerExpertModules(nn.Module):
+    """The layout of the plugin's experts before they were stacked: one module per expert, by global id."""
+
+    def __init__(self, global_ids, seed):
+        super().__init__()
+        experts = {}
+        for i in global_ids:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + i)
+                experts[str(i)] = build_expert(DIM, FFN, SUBLAYERS)
+        self.experts = nn.ModuleDict(experts)
+
+
+def test_checkpoint_layout_is_unchanged_and_old_checkpoints_load():
+    old = PerExpertModules(range(4), seed=7)
+    stacked = Experts(range(4), DIM, FFN, SUBLAYERS, seed=7)  # same seed: the same initial weights
+    assert list(stacked.state_dict()) == list(old.state_dict())
+    for key, value in old.state_dict().items():
+        torch.testing.assert_close(stacked.state_dict()[key], value, rtol=0, atol=0)
+
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_()
+    fresh = Experts(range(4), DIM, FFN, SUBLAYERS, seed=1)
+    fresh.load_state_dict(old.state_dict())  # strict: every key used, none missing
+    x = torch.randn(3, DIM)
+    for i in range(4):
+        torch.testing.assert_close(fresh.expert(i)(x), old.experts[str(i)](x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_rank_loads_its_own_experts_from_a_full_checkpoint():
+    full = trained_experts()
+    rank1 = Experts([2, 3], DIM, FFN, SUBLAYERS, seed=99)
+    rank1.load_state_dict(full.state_dict())
+    x = torch.randn(3, DIM)
+    for i in (2, 3):
+        torch.testing.assert_close(rank1.expert(i)(x), full.expert(i)(x), rtol=0, atol=0)
+    assert set(rank1.state_dict()) == {k for k in full.state_dict() if k.split(".")[1] in ("2", "3")}
+
+
+def test_loading_reports_missing_wrong_shaped_and_unknown_entries():
+    state = trained_experts().state_dict()
+    del state["experts.3.1.ff1.bias"]
+    state["experts.0.0.ff1.weight"] = torch.zeros(FFN + 1, DIM)
+    state["ff1_weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError) as error:
+        Experts(range(4), DIM, FFN, SUBLAYERS).load_state_dict(state)
+    for fragment in ("experts.3.1.ff1.bias", "size mismatch for experts.0.0.ff1.weight", "ff1_weight"):
+        assert fragment in str(error.value)
+
+
+def test_reshard_knows_the_per_expert_parameter_names_of_old_optimizer_states():
+    cfg = MoEConfig(moe_experts=4, moe_sublayers=SUBLAYERS, moe_ffn_embed_dim=FFN)
+    from fairseq.data import Dictionary
+    layer = nn.ModuleDict({"moe": build_moe_layer(cfg, DIM, FFN, Dictionary())})
+    old = copy.deepcopy(layer)
+    old.moe.experts = PerExpertModules(range(4), seed=0)  # same place in the module order
+    assert legacy_parameter_names(layer, cfg, 1) == [n for n, p in old.named_parameters() if p.requires_grad]
+    assert all(is_expert_parameter(n) for n, _ in layer.moe.experts.named_parameters(prefix="moe.experts"))
+    assert all(is_expert_parameter(n) for n, _ in old.moe.experts.named_parameters(prefix="moe.experts"))
+    assert not any(is_expert_parameter(n) for n, _ in layer.moe.routing.named_parameters(prefix="moe.routing"))
