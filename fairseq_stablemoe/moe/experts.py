@@ -73,6 +73,22 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) ->
     return out
 
 
+class GatherRows(torch.autograd.Function):
+    """table[rows] (each row's expert's bias or norm weight), whose backward sums the gradient of each expert's
+    rows by a matrix product with their one-hot matrix: accumulated in float32 and deterministic, where indexing's
+    backward (index_add) accumulates in the gradient's dtype, which in bfloat16 loses most of a bias gradient."""
+
+    @staticmethod
+    def forward(ctx, table, rows, one_hot):
+        ctx.save_for_backward(one_hot)
+        return table[rows]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (one_hot,) = ctx.saved_tensors
+        return one_hot.t().to(grad.dtype).mm(grad), None, None
+
+
 class Experts(nn.Module):
     """The experts that live in this process, keyed by their *global* id.
 
@@ -137,12 +153,16 @@ class Experts(nn.Module):
         sizes = torch.tensor(counts, device=device)
         offs = sizes.cumsum(0).to(torch.int32)
         rows = torch.repeat_interleave(torch.arange(len(counts), device=device), sizes, output_size=x.size(0))
+        one_hot = F.one_hot(rows, len(counts))
+
+        def per_row(table):
+            return GatherRows.apply(table, rows, one_hot)
+
         for s in range(self.sublayers):
-            h = F.layer_norm(x, (self.dim,))
-            h = torch.addcmul(self.norm_bias[s][rows], h, self.norm_weight[s][rows])
+            h = torch.addcmul(per_row(self.norm_bias[s]), F.layer_norm(x, (self.dim,)), per_row(self.norm_weight[s]))
             h = grouped_linear(h.to(dtype), self.ff1_weight[s].to(dtype), offs)
-            h = self.activation_fn(h + self.ff1_bias[s].to(dtype)[rows])
-            x = x + (grouped_linear(h, self.ff2_weight[s].to(dtype), offs) + self.ff2_bias[s].to(dtype)[rows])
+            h = self.activation_fn(h + per_row(self.ff1_bias[s].to(dtype)))
+            x = x + (grouped_linear(h, self.ff2_weight[s].to(dtype), offs) + per_row(self.ff2_bias[s].to(dtype)))
         return x
 
     def _loop(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
