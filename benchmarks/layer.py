@@ -78,15 +78,27 @@ def with_impl(experts, impl, fn):
     return run
 
 
-def case_steps(experts, tokens, dim, ffn_dim, sublayers, skewed, stages, impls, device, dtype):
-    """name -> zero-argument callable running that variant's step; names: dense, and stage1/stage2/floor
-    followed by the experts' implementation (stage1-grouped, floor-loop, ...)."""
-    x, ids, target = forced_inputs(tokens, experts, dim, skewed, dtype=dtype, device=device)
-    grad = torch.randn_like(x)
-    steps, shared = {}, None
+def build_variants(experts, dim, ffn_dim, sublayers, stages, device, dtype):
+    """The modules of one (N, d): a layer per stage sharing one Experts, and the dense FFN. Built once and reused
+    for every token count (building N experts of d 1024 takes longer than timing them)."""
+    layers, shared = {}, None
     for stage in stages:
         layer = build_layer(experts, dim, ffn_dim, sublayers, stage).to(device=device, dtype=dtype)
         shared = layer.experts = shared or layer.experts  # both stages run the same experts
+        layers[stage] = layer
+    return layers, build_dense(dim, ffn_dim, sublayers).to(device=device, dtype=dtype)
+
+
+def case_steps(variants, experts, tokens, skewed, impls, device, dtype):
+    """name -> zero-argument callable running that variant's step; names: dense, and stage1/stage2/floor
+    followed by the experts' implementation (stage1-grouped, floor-loop, ...)."""
+    layers, dense = variants
+    shared = next(iter(layers.values())).experts
+    dim = shared.dim
+    x, ids, target = forced_inputs(tokens, experts, dim, skewed, dtype=dtype, device=device)
+    grad = torch.randn_like(x)
+    steps = {}
+    for stage, layer in layers.items():
         layer_x = x.clone().requires_grad_()
         routed = layer.routing.decide(x.reshape(-1, dim), _token_view(ids, x.size(0)))
         assert torch.equal(routed, target), "forced routing did not take"
@@ -99,7 +111,6 @@ def case_steps(experts, tokens, dim, ffn_dim, sublayers, skewed, stages, impls, 
     floor = Floor(shared, [c.size(0) for c in chunks])
     for impl in impls:
         steps[f"floor-{impl}"] = with_impl(shared, impl, _bind(step, floor, [floor_x], [floor_grad]))
-    dense = build_dense(dim, ffn_dim, sublayers).to(device=device, dtype=dtype)
     steps["dense"] = _bind(step, dense, [x.clone().requires_grad_()], [grad])
     return steps
 
@@ -184,13 +195,13 @@ def main():
     print_table_header(head)
     for dim in args.dims:
         impls = args.experts_impl or available_impls(device, dtype, dim, args.ffn_mult * dim)
-        for tokens in args.tokens:
-            for experts in args.experts:
+        for experts in args.experts:
+            variants = build_variants(experts, dim, args.ffn_mult * dim, args.sublayers, args.stages, device, dtype)
+            for tokens in args.tokens:
                 for routing in args.routing:
                     if routing == "skewed" and experts == 1:
                         continue
-                    steps = case_steps(experts, tokens, dim, args.ffn_mult * dim, args.sublayers,
-                                       routing == "skewed", args.stages, impls, device, dtype)
+                    steps = case_steps(variants, experts, tokens, routing == "skewed", impls, device, dtype)
                     times = measure(steps, args.pairs, args.warmup, timer)
                     interrupted = times.pop("interrupted", False)
                     for impl in impls:
@@ -199,8 +210,9 @@ def main():
                     if interrupted:
                         return
                     del steps, times
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+            del variants
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def row(times, impl, case):
