@@ -67,8 +67,9 @@ def variants(args):
            "--arch", "stablemoe_lm_tiny", "--criterion", "stablemoe_cross_entropy",
            "--moe-experts", str(args.experts), "--moe-sublayers", str(args.sublayers)] + shape(args)
     late = str(10 * args.max_update)
-    out = {"stablemoe S1": moe + ["--moe-routing", "stablemoe", "--stage1-updates", late],
-           "stablemoe S2": moe + ["--moe-routing", "stablemoe", "--stage1-updates", "0"]}
+    stages = {"stablemoe S1": moe + ["--moe-routing", "stablemoe", "--stage1-updates", late],
+              "stablemoe S2": moe + ["--moe-routing", "stablemoe", "--stage1-updates", "0"]}
+    out = {name: flags for name, flags in stages.items() if int(name[-1]) in args.stablemoe_stages}
     for name in ["dense"] + [r for r in args.routings if r not in ("stablemoe", "dense")]:
         out[name] = moe + ["--moe-routing", name] if name in ROUTINGS else None
     if out["dense"] is None or args.stand_in:
@@ -137,6 +138,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each fairseq-train")
     p.add_argument("--stand-in", action="store_true", help="also run transformer_lm when dense exists")
+    p.add_argument("--stablemoe-stages", type=int, nargs="+", choices=[1, 2], default=[1, 2],
+                   help="which StableMoE stages to time")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: fairseq-train without --cpu")
     p.add_argument("--precision", choices=list(PRECISION), default="fp32",
                    help="fp16: --fp16 --fp16-no-flatten-grads; amp: --amp (bf16 trains through fairseq-hydra-train)")
