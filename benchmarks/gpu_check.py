@@ -143,7 +143,8 @@ def main(argv=None):
     p.add_argument("--wheels", help="a folder of wheels to install first (fairseq and its needs, for a bare GPU box)")
     p.add_argument("--only", nargs="+", help="run only these steps")
     args = p.parse_args(argv)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     if args.wheels:
         env["PYTHONPATH"] += os.pathsep + install_wheels(args.wheels)
     if args.dry_run:

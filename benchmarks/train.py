@@ -30,7 +30,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import interleaved, print_ratio_rows, run_counting_cpu  # noqa: E402
+from benchmarks.common import interleaved, plugin_env, print_ratio_rows, run_counting_cpu  # noqa: E402
 
 BASE_SHAPE = ["--decoder-embed-dim", "768", "--decoder-ffn-embed-dim", "3072", "--decoder-layers", "12",
               "--decoder-attention-heads", "12", "--dropout", "0.0"]  # stablemoe_lm_base (paper Table 7)
@@ -111,7 +111,7 @@ def train_wps(data, flags, args, save_dir):
            str(args.tokens_per_sample), "--batch-size", str(args.batch_size), "--max-update", str(args.max_update),
            "--log-format", "json", "--log-interval", str(args.log_interval), "--seed", "1",
            "--save-dir", save_dir, "--no-save", "--disable-validation", "--num-workers", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
+    env = plugin_env(OMP_NUM_THREADS=str(args.threads))
     output, cpu_s = run_counting_cpu(cmd, env)
     logs = [json.loads(m.group(1)) for m in INNER.finditer(output)]
     wps = [float(log["wps"]) for log in logs[1:]]  # the first interval holds the start-up
