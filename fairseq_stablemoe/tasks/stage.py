@@ -126,7 +126,10 @@ class StageSwitchingTask:
         warn_stage_schedule(model, int(self._training_option("max_update", 0)))
         save_dir = self._training_option("save_dir")
         if save_dir is not None and _is_main_process():
-            prepare_resume(save_dir, self._training_option("restore_file", "checkpoint_last.pt"))
+            path = prepare_resume(save_dir, self._training_option("restore_file", "checkpoint_last.pt"))
+            if path is not None:
+                from ..reshard_checkpoint import warn_per_expert_optimizer_state
+                warn_per_expert_optimizer_state(path, model)
 
     def build_criterion(self, cfg, *args, **kwargs):
         from ..criterions.moe_aux import MoEAuxLossMixin
