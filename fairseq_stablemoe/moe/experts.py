@@ -153,7 +153,7 @@ class Experts(nn.Module):
         sizes = torch.tensor(counts, device=device)
         offs = sizes.cumsum(0).to(torch.int32)
         rows = torch.repeat_interleave(torch.arange(len(counts), device=device), sizes, output_size=x.size(0))
-        one_hot = F.one_hot(rows, len(counts))
+        one_hot = F.one_hot(rows, len(counts)).to(dtype)  # n x experts, kept for the backward
 
         def per_row(table):
             return GatherRows.apply(table, rows, one_hot)
