@@ -48,7 +48,10 @@ def build_expert(dim: int, ffn_dim: int, sublayers: int, activation: str = "relu
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether this torch runs `_grouped_mm` on this device type and dtype (tried once on a tiny product).
 
-    torch 2.13 runs it on CPU in float32, bfloat16 and float16; on CUDA its fast kernel is bfloat16's.
+    torch 2.13 runs it on CPU in float32, bfloat16 and float16 (not float64), with the same results as one matmul
+    per group; on CUDA its fast kernel is bfloat16's. Its rules, here and there: int32 offsets (each group's end),
+    row strides a multiple of 16 bytes (so d and the FFN size times the dtype's size: `uses_grouped` checks), no
+    bias, and a backward that refuses a broadcast (stride-0) gradient (`grouped_linear` makes it contiguous).
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
