@@ -161,25 +161,36 @@ class Experts(nn.Module):
         def per_row(table):
             return GatherRows.apply(table, rows, one_hot)
 
+        w = self._unbound()
         for s in range(self.sublayers):
-            h = torch.addcmul(per_row(self.norm_bias[s]), F.layer_norm(x, (self.dim,)), per_row(self.norm_weight[s]))
-            h = grouped_linear(h.to(dtype), self.ff1_weight[s].to(dtype), offs)
-            h = self.activation_fn(h + per_row(self.ff1_bias[s].to(dtype)))
-            x = x + (grouped_linear(h, self.ff2_weight[s].to(dtype), offs) + per_row(self.ff2_bias[s].to(dtype)))
+            h = F.layer_norm(x, (self.dim,))
+            h = torch.addcmul(per_row(w["norm_bias"][s]), h, per_row(w["norm_weight"][s]))
+            h = grouped_linear(h.to(dtype), w["ff1_weight"][s].to(dtype), offs)
+            h = self.activation_fn(h + per_row(w["ff1_bias"][s].to(dtype)))
+            x = x + (grouped_linear(h, w["ff2_weight"][s].to(dtype), offs) + per_row(w["ff2_bias"][s].to(dtype)))
         return x
+
+    def _unbound(self, per_expert: bool = False) -> Dict[str, list]:
+        """Each stacked parameter as its sublayers' (experts × ...) views, or [sublayer][expert] views: views made
+        by unbind, whose backward writes the parameter's gradient once; indexing (p[s], p[s, j]) would allocate a
+        parameter-sized gradient for every index in the backward."""
+        w = {name: p.unbind(0) for name, p in self.named_parameters(recurse=False)}
+        return {name: [t.unbind(0) for t in ts] for name, ts in w.items()} if per_expert else w
 
     def _loop(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
         """One nn.Linear-style multiply per projection per non-empty expert."""
-        outputs = [self.expert_forward(j, chunk) if chunk.size(0) > 0 else chunk
+        w = self._unbound(per_expert=True)
+        outputs = [self.expert_forward(j, chunk, w) if chunk.size(0) > 0 else chunk
                    for j, chunk in enumerate(x.split(counts))]
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    def expert_forward(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """Local expert j on rows `x`."""
+    def expert_forward(self, j: int, x: torch.Tensor, w: Optional[Dict[str, list]] = None) -> torch.Tensor:
+        """Local expert j on rows `x` (`w`: the parameters as `_unbound(per_expert=True)` gives them)."""
+        w = w or self._unbound(per_expert=True)
         for s in range(self.sublayers):
-            h = F.layer_norm(x, (self.dim,), self.norm_weight[s, j], self.norm_bias[s, j])
-            h = self.activation_fn(F.linear(h, self.ff1_weight[s, j], self.ff1_bias[s, j]))
-            x = x + F.linear(h, self.ff2_weight[s, j], self.ff2_bias[s, j])
+            h = F.layer_norm(x, (self.dim,), w["norm_weight"][s][j], w["norm_bias"][s][j])
+            h = self.activation_fn(F.linear(h, w["ff1_weight"][s][j], w["ff1_bias"][s][j]))
+            x = x + F.linear(h, w["ff2_weight"][s][j], w["ff2_bias"][s][j])
         return x
 
     def expert(self, global_id: int):
