@@ -163,7 +163,7 @@ def available_impls(device, dtype, dim, ffn_dim):
     """The experts' implementations this torch runs here: the loop always, grouped where grouped_mm runs."""
     from fairseq_stablemoe.moe.experts import Experts
     probe = Experts([0], dim, ffn_dim, 1)
-    return ["grouped", "loop"] if probe.uses_grouped(torch.empty(0, dim, device=device, dtype=dtype)) else ["loop"]
+    return ["grouped", "loop"] if probe.grouped_runs(torch.empty(0, dim, device=device, dtype=dtype)) else ["loop"]
 
 
 def main():

@@ -111,5 +111,5 @@ def test_grouped_and_loop_experts_agree_in_bf16_on_gpu(counts, autocast):
         for p in experts.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(DEVICE) * 0.05)
     x = torch.randn(sum(counts), 128, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    assert experts.uses_grouped(x.bfloat16())
+    assert experts.grouped_runs(x.bfloat16()) and experts.uses_grouped(x.bfloat16()) == (DEVICE == "cuda")
     check_bf16_against_float32(experts, x, counts, autocast)

@@ -107,10 +107,12 @@ def test_loop_is_each_expert_on_its_rows():
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
-def test_auto_uses_grouped_only_where_it_runs():
+def test_auto_uses_grouped_on_a_gpu_where_it_runs_and_the_loop_on_cpu():
     x = torch.zeros(4, DIM)
-    assert Experts([0], DIM, FFN, 1).uses_grouped(x) == grouped_mm_works("cpu", torch.float32)
-    assert not Experts([0], 6, FFN, 1).uses_grouped(torch.zeros(4, 6))  # rows of 24 bytes: not 16-byte aligned
+    assert Experts([0], DIM, FFN, 1).grouped_runs(x) == grouped_mm_works("cpu", torch.float32)
+    assert not Experts([0], 6, FFN, 1).grouped_runs(torch.zeros(4, 6))  # rows of 24 bytes: not 16-byte aligned
+    assert not Experts([0], DIM, FFN, 1).uses_grouped(x)  # CPU: the loop, measured faster there
+    assert Experts([0], DIM, FFN, 1, impl="grouped").uses_grouped(x)
     assert not Experts([0], DIM, FFN, 1, impl="loop").uses_grouped(x)
     with pytest.raises(ValueError, match="impl"):
         Experts([0], DIM, FFN, 1, impl="fast").uses_grouped(x)

@@ -50,7 +50,7 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
     torch 2.13 runs it on CPU in float32, bfloat16 and float16 (not float64), with the same results as one matmul
     per group; on CUDA its fast kernel is bfloat16's. Its rules, here and there: int32 offsets (each group's end),
-    row strides a multiple of 16 bytes (so d and the FFN size times the dtype's size: `uses_grouped` checks), no
+    row strides a multiple of 16 bytes (so d and the FFN size times the dtype's size: `grouped_runs` checks), no
     bias, and a backward that refuses a broadcast (stride-0) gradient (`grouped_linear` makes it contiguous).
     """
     if not hasattr(torch, "_grouped_mm"):
@@ -98,7 +98,7 @@ class Experts(nn.Module):
     Keys are global ids so that a checkpoint names the same expert the same way at any world size:
     loading keeps this process's experts and skips the others'. With a `seed`, expert i is initialised
     from seed + i, so its weights do not depend on which process builds it (or how many there are).
-    `impl`: "auto" (grouped where it runs, else the loop), "grouped" or "loop".
+    `impl`: "auto" (grouped on a GPU where it runs, else the loop), "grouped" or "loop".
     """
 
     def __init__(self, global_ids: Iterable[int], dim: int, ffn_dim: int, sublayers: int,
@@ -141,10 +141,16 @@ class Experts(nn.Module):
         return x.dtype
 
     def uses_grouped(self, x: torch.Tensor) -> bool:
+        """auto: grouped on a GPU, where one call replaces hundreds of kernel launches; the loop on CPU, where it
+        measured faster (benchmarks/README.md) and there are no launches to save."""
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"Experts.impl must be one of {IMPLEMENTATIONS}, not {self.impl!r}")
         if self.impl != "auto":
             return self.impl == "grouped"
+        return x.device.type == "cuda" and self.grouped_runs(x)
+
+    def grouped_runs(self, x: torch.Tensor) -> bool:
+        """Whether torch._grouped_mm takes these experts' products for input `x` (dtype, device, alignment)."""
         dtype = self.compute_dtype(x)
         aligned = all(size * dtype.itemsize % 16 == 0 for size in (self.dim, self.ffn_dim))  # its stride rule
         return aligned and grouped_mm_works(x.device.type, dtype)
