@@ -1,5 +1,6 @@
 """What the benchmarks share: building an MoE layer, its FLOP-matched dense FFN, its floor, and forced routing."""
 import argparse
+import os
 import random
 import resource
 import statistics
@@ -11,6 +12,7 @@ import torch.nn as nn
 from fairseq_stablemoe.moe import MoEConfig, Vocabulary, build_moe_layer
 from fairseq_stablemoe.moe.experts import build_expert
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD = 1
 TOKENS_PER_ROW = 512  # tokens of a batch are B rows of this length (B x S ids, S x B x C states)
 IDS_PER_EXPERT = 8  # vocabulary = IDS_PER_EXPERT x N ids; the stage-2 table sends id v to expert v mod N
@@ -134,3 +136,9 @@ def print_ratio_rows(names, tables, reference):
             row.append(f"{statistics.median(table[name]):.0f}")
             row.append(f"{statistics.median(a / b for a, b in zip(table[name], table[reference])):.3f}")
         print("| " + " | ".join(row) + " |")
+
+
+def plugin_env(**extra):
+    """os.environ for a subprocess, with this checkout first on PYTHONPATH and what was there kept (a folder of
+    carried wheels, say)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), **extra)

@@ -20,7 +20,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from benchmarks.common import interleaved, print_ratio_rows, print_table_header, run_counting_cpu  # noqa: E402
+from benchmarks.common import (interleaved, plugin_env, print_ratio_rows, print_table_header,  # noqa: E402
+                               run_counting_cpu)
 
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in [\d.]+s .* ([\d.]+) tokens/s\)")
 
@@ -93,7 +94,7 @@ def main():
     args = p.parse_args()
 
     os.makedirs(args.workdir, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
+    env = plugin_env(OMP_NUM_THREADS=str(args.threads))
     data = args.data or prepare_data(args.workdir, args.sentences)
     checkpoints = {routing: train(data, routing, args, env) for routing in args.routings}
 

@@ -2,9 +2,12 @@
 
     python benchmarks/layer.py --quick
     python benchmarks/layer.py --experts 8 32 --tokens 8192 --dims 512 --pairs 9
+    python benchmarks/layer.py --experts 32 --tokens 8192 --dims 512 --experts-impl grouped loop
 
 dense: one expert's stack (same d, FFN size and sublayers) on every token: the model the MoE layer replaces.
-floor: the N experts on their tokens already split per expert: no routing, gather, gate or scatter.
+floor: the N experts on their tokens already grouped by expert: no routing, gather, gate or scatter.
+experts: how the layer and the floor run the experts: one torch._grouped_mm per projection for all of them
+(grouped), or one multiply per expert (loop); the same weights either way.
 Every figure is the median over interleaved rounds (layer, dense, floor and the other stage run back to back
 in a shuffled order each round) of per-round ratios, so load from other processes cancels out.
 Prints tables; passes no judgement.
@@ -57,31 +60,57 @@ def step(module, inputs, grads):
 
 
 class Floor(torch.nn.Module):
-    def __init__(self, layer):
+    """The experts alone, on rows already grouped by expert."""
+
+    def __init__(self, experts, counts):
         super().__init__()
-        self.experts = layer.experts
+        self.experts, self.counts = experts, counts
 
-    def forward(self, *chunks):
-        return [expert(c) for expert, c in zip(self.experts.experts.values(), chunks) if c.size(0) > 0]
+    def forward(self, x_sorted):
+        return self.experts(x_sorted, self.counts)
 
 
-def case_steps(experts, tokens, dim, ffn_dim, sublayers, skewed, stages, device, dtype):
-    """name -> zero-argument callable running that variant's step."""
-    x, ids, target = forced_inputs(tokens, experts, dim, skewed, dtype=dtype, device=device)
-    grad = torch.randn_like(x)
-    steps, shared = {}, None
+def with_impl(experts, impl, fn):
+    """The variant runs its experts through `impl` ("grouped" or "loop"): the stages share one Experts."""
+    def run():
+        experts.impl = impl
+        fn()
+    return run
+
+
+def build_variants(experts, dim, ffn_dim, sublayers, stages, device, dtype):
+    """The modules of one (N, d): a layer per stage sharing one Experts, and the dense FFN. Built once and reused
+    for every token count (building N experts of d 1024 takes longer than timing them)."""
+    layers, shared = {}, None
     for stage in stages:
         layer = build_layer(experts, dim, ffn_dim, sublayers, stage).to(device=device, dtype=dtype)
         shared = layer.experts = shared or layer.experts  # both stages run the same experts
+        layers[stage] = layer
+    return layers, build_dense(dim, ffn_dim, sublayers).to(device=device, dtype=dtype)
+
+
+def case_steps(variants, experts, tokens, skewed, impls, device, dtype):
+    """name -> zero-argument callable running that variant's step; names: dense, and stage1/stage2/floor
+    followed by the experts' implementation (stage1-grouped, floor-loop, ...)."""
+    layers, dense = variants
+    shared = next(iter(layers.values())).experts
+    dim = shared.dim
+    x, ids, target = forced_inputs(tokens, experts, dim, skewed, dtype=dtype, device=device)
+    grad = torch.randn_like(x)
+    steps = {}
+    for stage, layer in layers.items():
         layer_x = x.clone().requires_grad_()
         routed = layer.routing.decide(x.reshape(-1, dim), _token_view(ids, x.size(0)))
         assert torch.equal(routed, target), "forced routing did not take"
-        steps[f"stage{stage}"] = _bind(step, _LayerCall(layer, ids), [layer_x], [grad])
-    floor_layer = layer
-    chunks = [c.requires_grad_() for c in split_by_expert(x, target, experts)]
-    floor_grads = [g for g in split_by_expert(grad, target, experts) if g.size(0) > 0]
-    steps["floor"] = _bind(step, Floor(floor_layer), chunks, floor_grads)
-    dense = build_dense(dim, ffn_dim, sublayers).to(device=device, dtype=dtype)
+        layer_step = _bind(step, _LayerCall(layer, ids), [layer_x], [grad])
+        for impl in impls:
+            steps[f"stage{stage}-{impl}"] = with_impl(shared, impl, layer_step)
+    chunks = split_by_expert(x, target, experts)
+    floor_x = torch.cat(chunks).requires_grad_()
+    floor_grad = torch.cat(split_by_expert(grad, target, experts))
+    floor = Floor(shared, [c.size(0) for c in chunks])
+    for impl in impls:
+        steps[f"floor-{impl}"] = with_impl(shared, impl, _bind(step, floor, [floor_x], [floor_grad]))
     steps["dense"] = _bind(step, dense, [x.clone().requires_grad_()], [grad])
     return steps
 
@@ -130,6 +159,13 @@ def median_ratio(times, a, b):
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
+def available_impls(device, dtype, dim, ffn_dim):
+    """The experts' implementations this torch runs here: the loop always, grouped where grouped_mm runs."""
+    from fairseq_stablemoe.moe.experts import Experts
+    probe = Experts([0], dim, ffn_dim, 1)
+    return ["grouped", "loop"] if probe.grouped_runs(torch.empty(0, dim, device=device, dtype=dtype)) else ["loop"]
+
+
 def main():
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped run still prints its complete rounds
     p = common_args(__doc__)
@@ -138,45 +174,60 @@ def main():
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="on CPU: process CPU time or wall time")
     p.add_argument("--quick", action="store_true",
                    help="the acceptance sizes only: N 8/32, 8k tokens, d 512 (plus N 32 at 32k with --tokens)")
+    p.add_argument("--experts-impl", nargs="+", choices=["grouped", "loop"],
+                   help="the experts' implementations to time (default: grouped, where torch._grouped_mm runs "
+                        "for this device and dtype, and loop)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="default: bfloat16 on a GPU, float32 on CPU")
     args = p.parse_args()
     if args.quick:
         args.experts, args.tokens, args.dims = [8, 32], [8192], [512]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = Timer(device, args.clock)
     clock = "CUDA events" if device.type == "cuda" else f"{args.clock} time"
     print(f"# torch {torch.__version__}, {device.type}, {dtype}, {clock}, threads {torch.get_num_threads()}, "
           f"{args.sublayers} sublayers, FFN {args.ffn_mult}d, {args.pairs} interleaved rounds, medians")
-    head = ("| N | tokens | d | routing | rounds | dense ms | floor/dense | S1/floor | S2/floor | S1/dense "
-            "| S2/dense | S2/S1 |")
+    head = ("| N | tokens | d | routing | experts | rounds | dense ms | floor/dense | S1/floor | S2/floor | S1/dense "
+            "| S2/dense | S2/S1 | S1/S1 loop |")
     print_table_header(head)
     for dim in args.dims:
-        for tokens in args.tokens:
-            for experts in args.experts:
+        impls = args.experts_impl or available_impls(device, dtype, dim, args.ffn_mult * dim)
+        for experts in args.experts:
+            variants = build_variants(experts, dim, args.ffn_mult * dim, args.sublayers, args.stages, device, dtype)
+            for tokens in args.tokens:
                 for routing in args.routing:
                     if routing == "skewed" and experts == 1:
                         continue
-                    steps = case_steps(experts, tokens, dim, args.ffn_mult * dim, args.sublayers,
-                                       routing == "skewed", args.stages, device, dtype)
+                    steps = case_steps(variants, experts, tokens, routing == "skewed", impls, device, dtype)
                     times = measure(steps, args.pairs, args.warmup, timer)
                     interrupted = times.pop("interrupted", False)
-                    row = [experts, tokens, dim, routing, len(times["dense"]),
-                           f"{1e3 * statistics.median(times['dense']):.0f}",
-                           f"{median_ratio(times, 'floor', 'dense'):.3f}"]
-                    for ref in ("floor", "dense"):
-                        for stage in (1, 2):
-                            name = f"stage{stage}"
-                            row.append(f"{median_ratio(times, name, ref):.3f}" if name in times else "-")
-                    both = "stage1" in times and "stage2" in times
-                    row.append(f"{median_ratio(times, 'stage2', 'stage1'):.3f}" if both else "-")
-                    print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
+                    for impl in impls:
+                        print("| " + " | ".join(str(c) for c in row(times, impl, [experts, tokens, dim, routing]))
+                              + " |", flush=True)
                     if interrupted:
                         return
                     del steps, times
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+            del variants
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def row(times, impl, case):
+    """One table row: the variants run through `impl` against its floor, the dense FFN and the loop."""
+    floor = f"floor-{impl}"
+    cells = case + [impl, len(times["dense"]), f"{1e3 * statistics.median(times['dense']):.0f}",
+                    f"{median_ratio(times, floor, 'dense'):.3f}"]
+    for ref in (floor, "dense"):
+        for stage in (1, 2):
+            name = f"stage{stage}-{impl}"
+            cells.append(f"{median_ratio(times, name, ref):.3f}" if name in times else "-")
+    s1, s2, loop = f"stage1-{impl}", f"stage2-{impl}", "stage1-loop"
+    cells.append(f"{median_ratio(times, s2, s1):.3f}" if s1 in times and s2 in times else "-")
+    cells.append(f"{median_ratio(times, s1, loop):.3f}" if s1 in times and loop in times else "-")
+    return cells
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import (build_dense, build_layer, common_args, forced_inputs,  # noqa: E402
-                               print_table_header)
+                               plugin_env, print_table_header)
 
 MB = 2 ** 20
 
@@ -88,7 +88,7 @@ def run_isolated(variant, args, experts, tokens, dim, skewed):
            "--tokens", str(tokens), "--dims", str(dim), "--routing", "skewed" if skewed else "balanced",
            "--sublayers", str(args.sublayers), "--ffn-mult", str(args.ffn_mult), "--threads", str(args.threads),
            "--device", args.device]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=ROOT)
+    env = plugin_env(MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

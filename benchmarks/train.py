@@ -1,6 +1,7 @@
 """End-to-end fairseq-train words/s of stablemoe_lm (stage 1, stage 2, other routings) against a dense control.
 
     python benchmarks/train.py --data ../shared/data/lm/sotu --repeats 3
+    python benchmarks/train.py --device cuda --shape base --synthetic --routings stablemoe dense --repeats 1
 
 Every variant trains the same model shape on the same data and batches for --max-update updates; words/s is
 fairseq's own `wps` of its train_inner logs (the first interval, with start-up, is left out), the median of a run.
@@ -29,8 +30,10 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import interleaved, print_ratio_rows, run_counting_cpu  # noqa: E402
+from benchmarks.common import interleaved, plugin_env, print_ratio_rows, run_counting_cpu  # noqa: E402
 
+BASE_SHAPE = ["--decoder-embed-dim", "768", "--decoder-ffn-embed-dim", "3072", "--decoder-layers", "12",
+              "--decoder-attention-heads", "12", "--dropout", "0.0"]  # stablemoe_lm_base (paper Table 7)
 TINY_SHAPE = ["--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512", "--decoder-layers", "4",
               "--decoder-attention-heads", "4", "--decoder-learned-pos", "--decoder-normalize-before",
               "--share-decoder-input-output-embed", "--dropout", "0.0"]
@@ -50,7 +53,8 @@ def binarize(data, workdir, lines, vocab):
                 if i >= (lines if split == "train" else max(1, lines // 10)):
                     break
                 dst.write(line)
-    subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", f"{raw}/train.txt", "--validpref",
+    subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
+                    "--trainpref", f"{raw}/train.txt", "--validpref",
                     f"{raw}/valid.txt", "--destdir", dest, "--workers", "1", "--nwordssrc", str(vocab)],
                    check=True, capture_output=True)
     return dest
@@ -61,25 +65,53 @@ def variants(args):
 
     moe = ["--user-dir", os.path.join(ROOT, "fairseq_stablemoe"), "--task", "stablemoe_language_modeling",
            "--arch", "stablemoe_lm_tiny", "--criterion", "stablemoe_cross_entropy",
-           "--moe-experts", str(args.experts), "--moe-sublayers", str(args.sublayers)] + TINY_SHAPE
+           "--moe-experts", str(args.experts), "--moe-sublayers", str(args.sublayers)] + shape(args)
     late = str(10 * args.max_update)
-    out = {"stablemoe S1": moe + ["--moe-routing", "stablemoe", "--stage1-updates", late],
-           "stablemoe S2": moe + ["--moe-routing", "stablemoe", "--stage1-updates", "0"]}
+    stages = {"stablemoe S1": moe + ["--moe-routing", "stablemoe", "--stage1-updates", late],
+              "stablemoe S2": moe + ["--moe-routing", "stablemoe", "--stage1-updates", "0"]}
+    out = {name: flags for name, flags in stages.items() if int(name[-1]) in args.stablemoe_stages}
     for name in ["dense"] + [r for r in args.routings if r not in ("stablemoe", "dense")]:
         out[name] = moe + ["--moe-routing", name] if name in ROUTINGS else None
     if out["dense"] is None or args.stand_in:
         out["transformer_lm (stand-in)"] = ["--user-dir", os.path.join(ROOT, "fairseq_stablemoe"), "--task",
                                             "language_modeling", "--arch", "transformer_lm",
-                                            "--criterion", "cross_entropy"] + TINY_SHAPE
+                                            "--criterion", "cross_entropy"] + shape(args)
     return out
 
 
+def shape(args):
+    return BASE_SHAPE if args.shape == "base" else TINY_SHAPE
+
+
+PRECISION = {"fp32": [], "fp16": ["--fp16", "--fp16-no-flatten-grads"], "amp": ["--amp"]}
+
+
+def device_flags(args):
+    if args.device == "cpu":
+        return ["--cpu"] + (["--on-cpu-convert-precision"] if args.precision == "fp16" else [])
+    return []
+
+
+def write_synthetic_corpus(directory, lines, vocab, seed=0):
+    """Zipf-distributed random words (train.txt, valid.txt): for machines without the real corpus (a GPU box)."""
+    import random
+
+    rng = random.Random(seed)
+    words, weights = [f"w{i}" for i in range(vocab)], [1.0 / (i + 1) for i in range(vocab)]
+    os.makedirs(directory, exist_ok=True)
+    for split, n in (("train", lines), ("valid", max(1, lines // 10))):
+        with open(os.path.join(directory, f"{split}.txt"), "w") as f:
+            f.writelines(" ".join(rng.choices(words, weights, k=rng.randint(50, 400))) + "\n" for _ in range(n))
+    return directory
+
+
 def train_wps(data, flags, args, save_dir):
-    cmd = ["fairseq-train", data, *flags, "--optimizer", "adam", "--lr", "5e-4", "--tokens-per-sample",
+    cmd = [sys.executable, "-m", "fairseq_cli.train", data, *flags, *PRECISION[args.precision], *device_flags(args),
+           "--optimizer", "adam", "--lr", "5e-4", "--tokens-per-sample",
            str(args.tokens_per_sample), "--batch-size", str(args.batch_size), "--max-update", str(args.max_update),
-           "--log-format", "json", "--log-interval", str(args.log_interval), "--cpu", "--seed", "1",
+           "--log-format", "json", "--log-interval", str(args.log_interval), "--seed", "1",
            "--save-dir", save_dir, "--no-save", "--disable-validation", "--num-workers", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
+    env = plugin_env(OMP_NUM_THREADS=str(args.threads))
     output, cpu_s = run_counting_cpu(cmd, env)
     logs = [json.loads(m.group(1)) for m in INNER.finditer(output)]
     wps = [float(log["wps"]) for log in logs[1:]]  # the first interval holds the start-up
@@ -106,9 +138,19 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each fairseq-train")
     p.add_argument("--stand-in", action="store_true", help="also run transformer_lm when dense exists")
+    p.add_argument("--stablemoe-stages", type=int, nargs="+", choices=[1, 2], default=[1, 2],
+                   help="which StableMoE stages to time")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: fairseq-train without --cpu")
+    p.add_argument("--precision", choices=list(PRECISION), default="fp32",
+                   help="fp16: --fp16 --fp16-no-flatten-grads; amp: --amp (bf16 trains through fairseq-hydra-train)")
+    p.add_argument("--shape", choices=["tiny", "base"], default="tiny",
+                   help="tiny: 4 x 128/512 (CPU); base: stablemoe_lm_base's 12 x 768/3072 (GPU)")
+    p.add_argument("--synthetic", action="store_true", help="a random Zipf corpus instead of --data")
     args = p.parse_args()
 
     os.makedirs(args.workdir, exist_ok=True)
+    if args.synthetic:
+        args.data = write_synthetic_corpus(os.path.join(args.workdir, "synthetic"), args.lines, args.vocab)
     data = binarize(args.data, args.workdir, args.lines, args.vocab)
     runs = variants(args)
     ready = [name for name, flags in runs.items() if flags is not None]
@@ -123,9 +165,12 @@ def main():
     results = interleaved(ready, args.repeats, run)
     wps = {name: [r[0] for r in rs] for name, rs in results.items()}
     per_cpu_s = {name: [r[1] for r in rs] for name, rs in results.items()}
-    print(f"# fairseq-train, stablemoe_lm_tiny shape (4 x 128/512), {args.experts} experts x {args.sublayers} "
-          f"sublayers, {args.batch_size} x {args.tokens_per_sample} tokens a batch, {args.max_update} updates, "
-          f"{args.threads} thread(s), {args.repeats} interleaved repeats; reference: {reference}")
+    print(f"# fairseq-train on {args.device} ({args.precision}), "
+          f"{'12 x 768/3072' if args.shape == 'base' else '4 x 128/512'} blocks, {args.experts} experts x "
+          f"{args.sublayers} sublayers, {args.batch_size} x {args.tokens_per_sample} tokens a batch, "
+          f"{args.max_update} updates, "
+          f"{args.threads} thread(s), {args.repeats} interleaved repeats; reference: {reference}"
+          f"{'; synthetic corpus' if args.synthetic else ''}")
     print(f"| variant | words/s (fairseq wps) | ÷ {reference} | words per CPU-second (whole run) | ÷ {reference} |")
     print("|---|---|---|---|---|")
     for name, flags in runs.items():

@@ -21,24 +21,46 @@ from omegaconf import OmegaConf
 from .checkpoints import load_checked
 from .moe import MoELayer
 from .moe.expert_parallel import expert_parallel_world, expert_shard
+from .moe.experts import CHECKPOINT_NAMES
 
 logger = logging.getLogger("fairseq_stablemoe.reshard_checkpoint")
 
 
 def rank0_parameter_names(model, cfg, world_size: int) -> List[str]:
-    """The trainable parameters rank 0 of `world_size` processes hands to its optimizer, in order."""
-    foreign = set()
-    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+    """The trainable parameters rank 0 of `world_size` processes hands to its optimizer, in order.
+
+    The experts' weights are stacked, so the names do not depend on the world size (only the shapes do)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def legacy_parameter_names(model, cfg, world_size: int) -> List[str]:
+    """The same, as the plugin named them before the experts' weights were stacked: one module per expert
+    ("...experts.experts.<global id>.<sublayer>.ff1.weight"), in id order, holding rank 0's experts only."""
+    names, done = [], set()
+    layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, MoELayer)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        layer_name = owner.rpartition(".")[0] if owner.endswith("experts") else None
+        if leaf not in CHECKPOINT_NAMES or layer_name not in layers:
+            names.append(name)
+            continue
+        if owner in done:
+            continue
+        done.add(owner)
+        layer = layers[layer_name]
         ep_world = expert_parallel_world(cfg, world_size, layer.num_experts)
-        mine = set(expert_shard(layer.num_experts, ep_world, 0))
-        for expert_id, expert in layer.experts.experts.items():
-            if int(expert_id) not in mine:
-                foreign.update(id(p) for p in expert.parameters())
-    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in foreign]
+        for expert_id in expert_shard(layer.num_experts, ep_world, 0):
+            for s in range(layer.experts.sublayers):
+                names.extend(f"{owner}.experts.{expert_id}.{s}.{key}" for key in CHECKPOINT_NAMES.values())
+    return names
 
 
 def is_expert_parameter(name: str) -> bool:
-    return ".experts.experts." in name or name.startswith("experts.experts.")
+    owner, _, leaf = name.rpartition(".")
+    stacked = leaf in CHECKPOINT_NAMES and (owner.endswith(".experts") or owner == "experts")
+    return stacked or ".experts.experts." in name or name.startswith("experts.experts.")
 
 
 def reshard_optimizer_state(optim_state: Dict, saved_names: List[str], new_names: List[str]) -> Dict:
@@ -50,18 +72,41 @@ def reshard_optimizer_state(optim_state: Dict, saved_names: List[str], new_names
         raise ValueError(f"the checkpoint's optimizer holds {len(groups[0]['params'])} parameters but the model "
                          f"it was saved with has {len(saved_names)}: was it written by this plugin?")
     position = {name: index for name, index in zip(saved_names, groups[0]["params"])}
-    state, dropped = {}, 0
+    dropped = sum(1 for name, index in position.items() if is_expert_parameter(name) and index in optim_state["state"])
+    state = {}
     for new_index, name in enumerate(new_names):
         old = position.get(name)
-        if old is None or old not in optim_state["state"]:
-            continue
-        if is_expert_parameter(name):
-            dropped += 1
-            continue
-        state[new_index] = optim_state["state"][old]
+        if old is not None and old in optim_state["state"] and not is_expert_parameter(name):
+            state[new_index] = optim_state["state"][old]
     if dropped:
         logger.warning(f"dropped the optimizer state of {dropped} expert parameters: they start afresh on resume")
     return {**optim_state, "state": state, "param_groups": [{**groups[0], "params": list(range(len(new_names)))}]}
+
+
+def warn_per_expert_optimizer_state(path: str, model) -> bool:
+    """Before fairseq resumes from `path`: a checkpoint written before the experts' weights were stacked keeps one
+    optimizer entry per expert parameter, which torch's optimizer refuses with a bare size mismatch. Say what to
+    do; True if so."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError):  # not a zip checkpoint: fairseq will report on it
+        return False
+    optim, cfg = state.get("last_optimizer_state"), state.get("cfg")
+    if not optim or len(optim.get("param_groups", [])) != 1 or cfg is None:
+        return False
+    cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
+    world = cfg.distributed_training.distributed_world_size
+    saved = len(optim["param_groups"][0]["params"])
+    legacy = legacy_parameter_names(model, cfg.model, world)
+    if saved != len(legacy) or saved == len(rank0_parameter_names(model, cfg.model, world)):
+        return False
+    logger.error(
+        f"{path} was written before the experts' weights were stacked: its optimizer state has one entry per "
+        f"expert, which fairseq cannot load into this version ('loaded state dict contains a parameter group that "
+        f"doesn't match the size of optimizer's group'). Convert it once: python -m "
+        f"fairseq_stablemoe.reshard_checkpoint {path} NEW_DIR/checkpoint_last.pt --world-size {world} (the experts' "
+        f"optimizer state starts afresh), or resume with --reset-optimizer. Its model weights load as they are.")
+    return True
 
 
 def reshard(path: str, out: str, world_size: int, data: str = None):
@@ -75,7 +120,12 @@ def reshard(path: str, out: str, world_size: int, data: str = None):
     saved_world = cfg.distributed_training.distributed_world_size
     saved = rank0_parameter_names(model, cfg.model, saved_world)
     new = rank0_parameter_names(model, cfg.model, world_size)
-    if state.get("last_optimizer_state") is not None:
+    optim = state.get("last_optimizer_state")
+    legacy = legacy_parameter_names(model, cfg.model, saved_world)
+    if optim is not None and len(optim["param_groups"]) == 1 and len(optim["param_groups"][0]["params"]) == len(
+            legacy) != len(saved):
+        saved = legacy  # written before the experts' weights were stacked: one parameter per expert
+    if optim is not None:
         state["last_optimizer_state"] = reshard_optimizer_state(state["last_optimizer_state"], saved, new)
     cfg.distributed_training.distributed_world_size = world_size
     state["cfg"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

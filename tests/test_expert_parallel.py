@@ -40,12 +40,22 @@ def build_layer(table=None):
     return layer.train()
 
 
+def named(layer, of=lambda p: p):
+    """Each parameter (or what `of` gives for it, e.g. its gradient) by name; each expert's by its global id,
+    as in a checkpoint: a rank's stacked experts hold another slice of them than the single process's."""
+    out = {n: of(p) for n, p in layer.named_parameters() if not n.startswith("experts.")}
+    stacked = {n: of(p) for n, p in layer.experts.named_parameters()}
+    out.update({"experts.experts." + k: v for k, v in layer.experts.per_expert(stacked).items()})
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def perturb_experts(layer):
     """Experts start as the identity (zero output projection): give them weights that pass gradients on,
     the same for a given expert wherever it lives."""
     with torch.no_grad():
-        for name, p in layer.experts.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.3)
+        for name, p in named(layer).items():
+            if name.startswith("experts."):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.3)
 
 
 def run(layer, x, tokens):
@@ -80,7 +90,7 @@ def reference(case):
     built = {k: v.clone() for k, v in layer.state_dict().items()}
     perturb_experts(layer)
     out, loss, x_grad = run(layer, torch.cat(x, 1), torch.cat(tokens, 0))
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    grads = {n: g.clone() for n, g in named(layer, lambda p: p.grad).items()}
     return {"out": out, "loss": loss, "x_grad": x_grad, "grads": grads, "built": built, "state": layer.state_dict()}
 
 
@@ -94,7 +104,7 @@ def check_equivalence(rank, case, ref):
     layer = build_layer(table)
     assert isinstance(layer.dispatcher, ExpertParallelDispatcher)
     assert layer.experts.global_ids == [2 * rank, 2 * rank + 1]
-    for name, p in layer.named_parameters():  # same seed: same weights as the single-process layer
+    for name, p in named(layer).items():  # same seed: same weights as the single-process layer
         torch.testing.assert_close(p, ref["built"][name], rtol=0, atol=0)
     perturb_experts(layer)
     assert all(getattr(p, "expert", False) for p in layer.experts.parameters())
@@ -105,14 +115,16 @@ def check_equivalence(rank, case, ref):
     torch.testing.assert_close(x_grad, ref["x_grad"][:, cols], rtol=0, atol=TOLERANCE)
     dist.all_reduce(loss)
     torch.testing.assert_close(loss, ref["loss"], rtol=0, atol=TOLERANCE * 10)
-    for name, p in layer.named_parameters():
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        if not hasattr(p, "expert"):  # shared: every rank holds part of the gradient
+    params = named(layer)
+    for name, p in params.items():
+        grad = named(layer, lambda p: p.grad).get(name, torch.zeros_like(p))
+        if not hasattr(params[name], "expert") and not name.startswith("experts."):  # shared: summed over ranks
             dist.all_reduce(grad)
         expected = ref["grads"].get(name, torch.zeros_like(p))
         torch.testing.assert_close(grad, expected, rtol=0, atol=TOLERANCE, msg=f"{case}: {name}")
     if case != "learned":
-        assert ref["grads"].get("experts.experts.2.0.ff1.weight") is None  # expert 2 really got no token
+        assert not ref["grads"]["experts.experts.2.0.ff1.weight"].any()  # expert 2 really got no token
+        assert ref["grads"]["experts.experts.3.0.ff1.weight"].any()
     return layer
 
 
@@ -128,7 +140,7 @@ def check_checkpoint_gather(rank, layer, ref):
             torch.testing.assert_close(state[name], value, rtol=0, atol=0)
     fresh = build_moe_layer(moe_cfg(), DIM, 16, vocabulary())  # other weights
     fresh.load_state_dict(ref["state"])  # all four experts in the file; it keeps its two
-    for name, p in fresh.named_parameters():
+    for name, p in named(fresh).items():
         torch.testing.assert_close(p.detach(), ref["state"][name], rtol=0, atol=0)
 
 

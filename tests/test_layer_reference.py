@@ -54,7 +54,7 @@ def naive(layer, x, tokens, capacity=None):
             rows.append(h)
             continue
         gate = torch.sigmoid(layer.routing.centroids[e].float() @ h.float())
-        y = layer.experts.experts[str(e)](h.unsqueeze(0)).squeeze(0)
+        y = layer.experts.expert(e)(h.unsqueeze(0)).squeeze(0)
         rows.append(h + gate * (y - h))
     return torch.stack(rows).view_as(x)
 

@@ -55,7 +55,7 @@ def test_stage1_gate_output_and_losses_by_hand():
     s = h @ layer.routing.centroids.t()
     a = s.argmax(-1)
     expected = torch.stack([
-        h[t] + torch.sigmoid(s[t, a[t]]) * (layer.experts.experts[str(int(a[t]))](h[t:t + 1])[0] - h[t])
+        h[t] + torch.sigmoid(s[t, a[t]]) * (layer.experts.expert(int(a[t]))(h[t:t + 1])[0] - h[t])
         for t in range(5)
     ])  # Eq. 7
     assert torch.allclose(out.view(5, 4), expected, atol=1e-6)

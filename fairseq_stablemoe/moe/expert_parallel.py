@@ -72,7 +72,7 @@ def gather_experts(model):
     """Collective: rank 0 receives a copy of every other rank's experts (for the next checkpoint)."""
     for layer in sharded_layers(model):
         experts, group, world = layer.experts, layer.dispatcher.group, layer.dispatcher.world
-        local = experts.experts.state_dict()  # "<global id>.<name>", this rank's experts in id order
+        local = experts.expert_state()  # "<global id>.<name>", this rank's experts in id order
         names = [k.split(".", 1)[1] for k in local if k.split(".", 1)[0] == str(experts.global_ids[0])]
         flat = torch.cat([v.reshape(-1) for v in local.values()])
         received = [torch.empty_like(flat) for _ in range(world)] if comm.rank() == 0 else None

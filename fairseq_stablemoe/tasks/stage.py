@@ -5,6 +5,7 @@ import logging
 from fairseq import metrics
 
 from ..checkpoints import prepare_resume
+from ..reshard_checkpoint import warn_per_expert_optimizer_state
 from ..criterions.moe_aux import MoEAuxLossMixin
 from ..moe import comm, moe_layers, parameter_counts
 from ..moe.expert_parallel import (
@@ -126,7 +127,9 @@ class StageSwitchingTask:
         warn_stage_schedule(model, int(self._training_option("max_update", 0)))
         save_dir = self._training_option("save_dir")
         if save_dir is not None and comm.rank() == 0:
-            prepare_resume(save_dir, self._training_option("restore_file", "checkpoint_last.pt"))
+            path = prepare_resume(save_dir, self._training_option("restore_file", "checkpoint_last.pt"))
+            if path is not None:
+                warn_per_expert_optimizer_state(path, model)
 
     def build_criterion(self, cfg, *args, **kwargs):
         criterion = super().build_criterion(cfg, *args, **kwargs)
