@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fairseq_stablemoe  # noqa: F401  (registers the plugin for in-process loading)
+from fairseq_stablemoe.moe import MoELayer
 from fairseq_stablemoe.moe.experts import Experts, grouped_mm_works
 from helpers import build_lm, run_cli, tiny_lm_data, train_lm_args
 from test_grouped_experts import check_bf16_against_float32
@@ -69,20 +70,19 @@ def test_routing_stays_float32_on_gpu(lm, precision, stage2):
     model, task = lm
     layer = copy.deepcopy(model.moe_layers()[0]).train()
     if stage2:
-        layer.routing.enter_stage2()
+        layer.routing.end_stage1(0)
     dtype = torch.float16 if "fp16" in precision else torch.bfloat16
     x = torch.randn(16, 4, layer.experts.dim, device=DEVICE)
     tokens = torch.randint(4, len(task.dictionary), (4, 16), device=DEVICE)
     captured = []
     layer.routing.register_forward_hook(lambda m, i, out: captured.append(out))
-    layer.route_tokens = tokens
-    layer(x)
+    MoELayer.forward(layer, x, tokens)
     if precision.startswith("autocast"):
         with torch.autocast(DEVICE, dtype=dtype):
-            layer(x)
+            MoELayer.forward(layer, x, tokens)
     else:
         layer.to(dtype)
-        layer(x.to(dtype))
+        MoELayer.forward(layer, x.to(dtype), tokens)
     full, mixed = captured
     assert mixed.gate.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in mixed.losses.values())

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fairseq_stablemoe.moe import MoEConfig, build_moe_layer
+from fairseq_stablemoe.moe import MoEConfig, Vocabulary, build_moe_layer
 from fairseq_stablemoe.moe.experts import Experts, build_expert, grouped_mm_works
 from fairseq_stablemoe.reshard_checkpoint import is_expert_parameter, legacy_parameter_names
 
@@ -172,7 +172,7 @@ def test_loading_reports_missing_wrong_shaped_and_unknown_entries():
 def test_reshard_knows_the_per_expert_parameter_names_of_old_optimizer_states():
     cfg = MoEConfig(moe_experts=4, moe_sublayers=SUBLAYERS, moe_ffn_embed_dim=FFN)
     from fairseq.data import Dictionary
-    layer = nn.ModuleDict({"moe": build_moe_layer(cfg, DIM, FFN, Dictionary())})
+    layer = nn.ModuleDict({"moe": build_moe_layer(cfg, DIM, FFN, Vocabulary.of(Dictionary()))})
     old = copy.deepcopy(layer)
     old.moe.experts = PerExpertModules(range(4), seed=0)  # same place in the module order
     assert legacy_parameter_names(layer, cfg, 1) == [n for n, p in old.named_parameters() if p.requires_grad]
