@@ -37,6 +37,7 @@ setup(
         "console_scripts": [
             "stablemoe-fluctuation = fairseq_stablemoe.analysis.fluctuation:main",
             "stablemoe-expert-tokens = fairseq_stablemoe.analysis.expert_tokens:main",
+            "stablemoe-expert-load = fairseq_stablemoe.analysis.expert_load:main",
             "stablemoe-reshard-checkpoint = fairseq_stablemoe.reshard_checkpoint:main",
         ],
     },

@@ -17,7 +17,7 @@ def console_scripts():
 
 def test_every_tool_has_a_console_script():
     assert {name for name, _, _ in console_scripts()} == {
-        "stablemoe-fluctuation", "stablemoe-expert-tokens", "stablemoe-reshard-checkpoint"}
+        "stablemoe-fluctuation", "stablemoe-expert-tokens", "stablemoe-expert-load", "stablemoe-reshard-checkpoint"}
 
 
 @pytest.mark.parametrize("name, module, function", console_scripts())

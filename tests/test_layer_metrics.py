@@ -59,3 +59,11 @@ def test_every_validation_writes_each_experts_load_per_layer(run, capsys):
     out = capsys.readouterr().out
     assert "update 20" in out and "decoder.layers.2" in out and "max/mean" in out
     assert os.path.getsize(os.path.join(save_dir, "loads.png")) > 0
+
+
+def test_a_missing_or_foreign_record_is_refused_by_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expert_loads.json does not exist: fairseq-train writes it"):
+        expert_load.main([str(tmp_path)])
+    (tmp_path / "expert_loads.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="is not an expert load record of this version"):
+        expert_load.main([str(tmp_path)])

@@ -1,8 +1,10 @@
-"""Each expert's load per MoE layer at each validation of a training run (SAVE_DIR/expert_loads.json).
+"""Each expert's load per MoE layer at each validation of a training run (SAVE_DIR/expert_loads.json, which
+fairseq-train writes under our tasks).
 
-    python -m fairseq_stablemoe.analysis.expert_load checkpoints/            # the last validation, per layer
-    python -m fairseq_stablemoe.analysis.expert_load checkpoints/ --all      # every validation
-    python -m fairseq_stablemoe.analysis.expert_load checkpoints/ --plot loads.png
+    stablemoe-expert-load checkpoints                   # the last validation: tokens, max/mean, cv, unused, shares
+    stablemoe-expert-load checkpoints --all             # every validation
+    stablemoe-expert-load checkpoints --plot loads.png  # per layer, each expert's share over training
+    (the same: python -m fairseq_stablemoe.analysis.expert_load ...)
 """
 import argparse
 import sys
@@ -57,16 +59,13 @@ def plot(record: dict, out: str):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fairseq_stablemoe.analysis.expert_load", description=__doc__,
+    parser = argparse.ArgumentParser(prog="stablemoe-expert-load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", metavar="SAVE_DIR", help="a --save-dir of fairseq-train, or its expert_loads.json")
     parser.add_argument("--all", action="store_true", help="every validation, not only the last")
     parser.add_argument("--plot", metavar="PNG", help="write a per-layer heat map of the experts' shares")
     args = parser.parse_args(argv)
-    try:
-        record = load_expert_loads(args.path)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(str(e))
+    record = load_expert_loads(args.path)
     if not record["validations"]:
         sys.exit(f"{args.path}: no validation recorded yet")
     print(report(record, args.all))

@@ -111,9 +111,10 @@ class StageSwitchingTask:
         model = super().build_model(cfg, from_checkpoint)
         model.stage_switching_task = True
         shared, expert, routing = parameter_counts(model)
-        logger.info(f"StableMoE: {shared:,} shared parameters, {expert:,} expert parameters, {routing:,} routing "
-                    f"parameters ({shared / 1e6:.1f}M + {expert / 1e6:.1f}M + {routing / 1e6:.2f}M = "
-                    f"{(shared + expert + routing) / 1e6:.1f}M; --moe-routing {getattr(cfg, 'moe_routing', '?')})")
+        logger.info(f"--moe-routing {getattr(cfg, 'moe_routing', '?')}: {shared:,} shared parameters, {expert:,} expert "
+                    f"parameters, {routing:,} routing parameters ({shared / 1e6:.1f}M + {expert / 1e6:.1f}M + "
+                    f"{routing / 1e6:.2f}M = {(shared + expert + routing) / 1e6:.1f}M; fairseq's own 'num. expert "
+                    f"model params' line counts only parameters of fairseq's MoE layers, not these)")
         if not from_checkpoint:  # fairseq-train builds a fresh model, then loads the checkpoint it resumes
             self.prepare_training(model)
         sharded = list(sharded_layers(model))
