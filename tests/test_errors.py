@@ -43,8 +43,8 @@ CONFIG_CASES = {
     "layers-vs-depth": (dict(moe_layers=5), "--moe-layers 5 is larger than the number of Transformer blocks (4); "
                                             "use at most 4 or more blocks"),
     "distilled-dim": (dict(distilled_dim=0), "--distilled-dim must be at least 1 (got 0); the paper uses 50"),
-    "stage1-negative": (dict(stage1_updates=-1), "--stage1-updates must be >= 0 (got -1); the paper uses 10% of "
-                                                 "--max-update"),
+    "stage1-negative": (dict(stage1_updates=-1), "--stage1-updates must be a number of updates >= 0 or auto (got "
+                                                 "-1); the paper uses 10% of --max-update"),
     "capacity-negative": (dict(capacity_factor=-1.0), "--capacity-factor/--eval-capacity-factor must be >= 0 "
                                                       "(got -1.0/0.0); 0 means unlimited"),
     "eval-capacity-negative": (dict(eval_capacity_factor=-0.5), "--capacity-factor/--eval-capacity-factor must be "

@@ -7,6 +7,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from .distilled_router import DISTILLED_ROUTERS
 from .routing import ROUTINGS
+from .routing.stablemoe import stage1_schedule
 
 MOE_POSITIONS = ChoiceEnum(["middle", "top", "bottom", "scattered"])
 EXPERT_PARALLEL_MODES = ChoiceEnum(["auto", "on", "off"])
@@ -35,9 +36,11 @@ class MoELayerConfig(FairseqDataclass):
         default="greedy", metadata={"help": "StableMoE stage-1 assignment: greedy (the paper's Eq. 6), or BASE "
                                             "layers' balanced assignment with no balance loss (the 'BASE Layer + "
                                             "fixed routing' ablation, paper Table 5)"})
-    stage1_updates: int = field(
-        default=6000, metadata={"help": "StableMoE: updates of stage 1; from this update on the distilled "
-                                         "router is frozen and routes alone (stage 2)"})
+    stage1_updates: str = field(
+        default="6000", metadata={"help": "StableMoE: updates of stage 1; from this update on the distilled "
+                                           "router is frozen and routes alone (stage 2). auto: stage 1 ends when "
+                                           "the routing probes find the routing settled (--stage1-auto-*; needs "
+                                           "--routing-probe-interval)"})
     distilled_router: DISTILLED_ROUTER_TYPES = field(
         default="wordemb", metadata={"help": "StableMoE distilled router: word embedding, causal width-5 CNN, "
                                              "or bigram embedding"})
@@ -101,8 +104,7 @@ def validate_moe_layer_config(cfg):
         fail(f"--moe-ffn-embed-dim must be >= 0 (got {ffn_dim}); 0 means the model's FFN size")
     if cfg.distilled_dim < 1:
         fail(f"--distilled-dim must be at least 1 (got {cfg.distilled_dim}); the paper uses 50")
-    if cfg.stage1_updates < 0:
-        fail(f"--stage1-updates must be >= 0 (got {cfg.stage1_updates}); the paper uses 10% of --max-update")
+    stage1_schedule(cfg.stage1_updates)
     if not (math.isfinite(cfg.capacity_factor) and math.isfinite(cfg.eval_capacity_factor)):
         fail(f"--capacity-factor/--eval-capacity-factor must be finite (got {cfg.capacity_factor}/"
              f"{cfg.eval_capacity_factor}); use 0 for unlimited")
@@ -122,3 +124,4 @@ def validate_moe_layer_config(cfg):
              f"stablemoe (for BASE layers themselves use --moe-routing base)")
     if str(cfg.hash_type) != "balanced" and routing != "hash":
         fail(f"--hash-type {cfg.hash_type} applies to --moe-routing hash only (got --moe-routing {routing})")
+

@@ -9,10 +9,11 @@ from ..guard import GuardedTask
 from .routing_probes import RoutingProbeConfig
 from .skipped_samples import check_skipped
 from .stage import StageSwitchingTask
+from .stage1_auto import Stage1AutoConfig
 
 
 @dataclass
-class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig):
+class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig, Stage1AutoConfig):
     # training options the stage switch and the resume checks read (not flags of their own)
     max_update: int = II("optimization.max_update")
     save_dir: str = II("checkpoint.save_dir")

@@ -10,6 +10,7 @@ from ..guard import GuardedTask
 from ..moe import moe_layers
 from .expert_usage import language_expert_counts, log_language_usage, routing_decisions
 from .routing_probes import add_routing_probe_args
+from .stage1_auto import add_stage1_auto_args
 from .stage import StageSwitchingTask
 
 
@@ -22,6 +23,7 @@ class StableMoETranslationMultiSimpleEpochTask(GuardedTask, StageSwitchingTask, 
     def add_args(parser):
         TranslationMultiSimpleEpochTask.add_args(parser)
         add_routing_probe_args(parser)
+        add_stage1_auto_args(parser)
 
     _lang_tables = None  # (source, target) token id -> language index, built at the first validation batch
 

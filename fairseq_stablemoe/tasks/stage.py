@@ -2,7 +2,7 @@
 stage itself is the routing's own), resume and optimizer checks, routing probes, expert-parallel gathering."""
 import logging
 
-from fairseq import metrics
+from fairseq import metrics, utils
 
 from ..checkpoints import prepare_resume
 from ..reshard_checkpoint import warn_per_expert_optimizer_state
@@ -18,6 +18,7 @@ from ..moe.expert_parallel import (
 )
 from .expert_loads import ExpertLoadRecord
 from .routing_probes import RoutingProbes
+from .stage1_auto import Stage1Auto
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,21 @@ def advance_stages(model, update_num: int, first_step: bool) -> int:
     resumed = sum(was and routing.stage2_began < update_num for routing, was in zip(routings, before)) \
         if first_step else 0
     if moved:
-        logger.info(f"StableMoE: update {update_num}: {moved} MoE layer(s) enter stage 2; "
-                    f"distilled routers frozen, routing fixed from now on")
+        log_switch(update_num, moved)
     if resumed:
         logger.info(f"StableMoE: resumed in stage 2 at update {update_num}: {resumed} MoE layer(s) keep the "
                     f"frozen router saved in the checkpoint")
     return moved
+
+
+def log_switch(update_num: int, moved: int, why: str = ""):
+    logger.info(f"StableMoE: update {update_num}: {moved} MoE layer(s) enter stage 2; "
+                f"distilled routers frozen, routing fixed from now on{why}")
+
+
+def auto_staged_routings(model):
+    """The routings whose stage 1 ends when --stage1-updates auto decides (no fixed length), still in stage 1."""
+    return [routing for routing in staged_routings(model) if routing.stage1_updates is None and not routing.in_stage2]
 
 
 def check_resumed_stage(model, update_num: int):
@@ -98,6 +108,8 @@ class StageSwitchingTask:
     _resume_checked = False
     _routing_probes = None
     _expert_loads = None
+    _stage1_auto = None  # the --stage1-updates auto decision, while some routing waits for it
+    _validating = False
     _validations = (None, 0)  # (update, validation subsets done at that update)
 
     def _training_option(self, name, default=None):
@@ -126,6 +138,12 @@ class StageSwitchingTask:
 
     def prepare_training(self, model):
         warn_stage_schedule(model, int(self._training_option("max_update", 0)))
+        if any(routing.stage1_updates is None for routing in staged_routings(model)):
+            if not self.routing_probes:
+                raise ValueError("--stage1-updates auto decides from the routing probes: add "
+                                 "--routing-probe-interval K (e.g. K = 1% of --max-update)")
+            self._stage1_auto = Stage1Auto.from_task_config(self._task_config(),
+                                                            int(self._training_option("max_update", 0)))
         save_dir = self._training_option("save_dir")
         if save_dir is not None and comm.rank() == 0:
             path = prepare_resume(save_dir, self._training_option("restore_file", "checkpoint_last.pt"))
@@ -140,12 +158,14 @@ class StageSwitchingTask:
                 f"--criterion stablemoe_cross_entropy (LM) or stablemoe_label_smoothed_cross_entropy (translation)")
         return criterion
 
+    def _task_config(self):
+        # fairseq's LegacyFairseqTask (language_modeling, translation_multi_simple_epoch) keeps it in .args
+        return self.cfg if self.cfg is not None else self.args
+
     @property
     def routing_probes(self):
         if self._routing_probes is None:
-            # fairseq's LegacyFairseqTask (language_modeling, translation_multi_simple_epoch) keeps it in .args
-            task_cfg = self.cfg if self.cfg is not None else self.args
-            self._routing_probes = RoutingProbes.from_task_config(task_cfg) or False
+            self._routing_probes = RoutingProbes.from_task_config(self._task_config()) or False
         return self._routing_probes
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
@@ -172,11 +192,15 @@ class StageSwitchingTask:
             if probes.latest_change is not None:
                 # held between probes, so every log line and tensorboard point has the latest value
                 metrics.log_scalar("route_change", probes.latest_change, priority=900, round=4)
+        if self._stage1_auto is not None:
+            self._end_stage1_when_settled(model, update_num, probes)
+        self._validating = False
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def begin_valid_epoch(self, epoch, model):
         """Probe at each validation too, so the record ends at the final update."""
         super().begin_valid_epoch(epoch, model)
+        self._validating = True
         gather_experts(model)  # all ranks validate before fairseq saves; rank 0 then writes every expert
         update = updates_done()
         if self.routing_probes and update is not None:
@@ -197,3 +221,24 @@ class StageSwitchingTask:
         named = [(name, m) for name, m in model.named_modules() if m in layers]
         self._expert_loads.add(update, subset, [name for name, _ in named], [m.num_experts for _, m in named],
                                agg["_moe_expert_load"].sum)
+
+    def _end_stage1_when_settled(self, model, update_num: int, probes):
+        routings = auto_staged_routings(model)
+        if not routings:
+            return
+        why = self._stage1_auto.past_bound(update_num)
+        if why is None and update_num > 0 and update_num % probes.interval == 0:
+            why = self._stage1_auto.observe(update_num, probes.latest_change if probes.active else None)
+            if not Stage1Auto.agree_everywhere(why is not None, next(model.parameters()).device):
+                return
+            why = why or "rank 0's routing probes found the routing settled"
+        if why is not None:
+            for routing in routings:
+                routing.end_stage1(update_num)
+            log_switch(update_num, len(routings), f" (--stage1-updates auto: {why})")
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if self._stage1_auto is not None and not self._validating and logging_outputs:
+            self._stage1_auto.count(utils.item(sum(log.get("moe_distill_agree", 0) for log in logging_outputs)),
+                                    utils.item(sum(log.get("moe_tokens", 0) for log in logging_outputs)))

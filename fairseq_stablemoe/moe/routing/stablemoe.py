@@ -35,6 +35,18 @@ def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -
     return (overload[expert] * gate).sum()
 
 
+
+def stage1_schedule(value) -> Optional[int]:
+    """--stage1-updates as the routing takes it: a number of updates, or None for auto (the task ends stage 1)."""
+    text = str(value).strip()
+    if text == "auto":
+        return None
+    if not text.lstrip("-").isdigit() or int(text) < 0:
+        raise ValueError(f"--stage1-updates must be a number of updates >= 0 or auto (got {value}); the paper uses "
+                         f"10% of --max-update")
+    return int(text)
+
+
 class StableMoERouting(CentroidRouting):
     """The stage is this routing's own: 1 or 2, decided from the update count fairseq passes to every module
     (`set_num_updates`, before each training step and when a checkpoint is loaded), saved with the model."""
@@ -58,7 +70,7 @@ class StableMoERouting(CentroidRouting):
     def build(cls, cfg, dim: int, vocab: Vocabulary) -> "StableMoERouting":
         router = DISTILLED_ROUTERS[str(cfg.distilled_router)](
             vocab.size, cfg.moe_experts, cfg.distilled_dim, vocab.padding_idx)
-        return cls(dim, cfg.moe_experts, router, cfg.stage1_updates, str(cfg.stage1_assignment))
+        return cls(dim, cfg.moe_experts, router, stage1_schedule(cfg.stage1_updates), str(cfg.stage1_assignment))
 
     def set_num_updates(self, num_updates: int):
         """fairseq's update count: stage 1 ends once `num_updates` updates are done (--stage1-updates)."""
