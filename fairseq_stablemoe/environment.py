@@ -17,8 +17,12 @@ REBUILD_FAIRSEQ = (
     "fairseq-fixed==0.12.3.1 (with the torch you train with already installed)")
 
 
-def libbase_problem() -> str:
-    """'' if fairseq's C++ extension libbase loads (or simply was not built); else why it does not."""
+class EnvironmentProblem(Exception):
+    pass
+
+
+def check_libbase():
+    """Nothing if fairseq's C++ extension libbase loads (or simply was not built); else why it does not."""
     try:
         importlib.import_module("fairseq.libbase")
     except ImportError as e:
@@ -26,21 +30,38 @@ def libbase_problem() -> str:
         if "undefined symbol" in text or "cannot open shared object" in text:
             import torch
 
-            return (f"fairseq's C++ extension fairseq.libbase was built against another torch than this one "
-                    f"({torch.__version__}): {text.splitlines()[0][:160]}. --moe-routing base needs it; rebuild "
-                    f"fairseq against this torch (pip may reuse a cached wheel built against the old one, hence "
-                    f"--no-cache-dir): {REBUILD_FAIRSEQ}")
+            raise EnvironmentProblem(
+                f"fairseq's C++ extension fairseq.libbase was built against another torch than this one "
+                f"({torch.__version__}): {text.splitlines()[0][:160]}. --moe-routing base needs it; rebuild "
+                f"fairseq against this torch (pip may reuse a cached wheel built against the old one, hence "
+                f"--no-cache-dir): {REBUILD_FAIRSEQ}")
+
+
+def check_numpy():
+    import numpy
+
+    if not hasattr(numpy, "compat"):
+        raise EnvironmentProblem(
+            f"numpy {numpy.__version__} has no numpy.compat, which fairseq's TokenBlockDataset uses: "
+            f"--sample-break-mode eos/complete (fairseq-train, fairseq-eval-lm) and the hub's score()/sample() fail; "
+            f"install numpy<2 (pip install 'numpy<2'; fairseq-stablemoe declares it)")
+
+
+def _problem(check) -> str:
+    try:
+        check()
+    except EnvironmentProblem as problem:
+        return str(problem)
     return ""
 
 
 def numpy_problem() -> str:
-    import numpy
+    return _problem(check_numpy)
 
-    if hasattr(numpy, "compat"):
-        return ""
-    return (f"numpy {numpy.__version__} has no numpy.compat, which fairseq's TokenBlockDataset uses: "
-            f"--sample-break-mode eos/complete (fairseq-train, fairseq-eval-lm) and the hub's score()/sample() fail; "
-            f"install numpy<2 (pip install 'numpy<2'; fairseq-stablemoe declares it)")
+
+def libbase_problem() -> str:
+    """'' if fairseq's C++ extension libbase loads (or simply was not built); else why it does not."""
+    return _problem(check_libbase)
 
 
 def problems() -> List[str]:
@@ -49,7 +70,7 @@ def problems() -> List[str]:
 
 def warn_on_import():
     for problem in problems():
-        logger.warning(problem)
+        logger.log(logging.WARNING, problem)  # the texts are raised (and listed in docs/errors.md) above
 
 
 def main():

@@ -30,7 +30,7 @@ def arch_model(arch):
 @pytest.mark.parametrize("name, arch, deliberate", [
     ("stablemoe_lm_base", "stablemoe_lm_base", {"capacity_factor": 2.0}),
     ("stablemoe_lm_large", "stablemoe_lm_large", {"capacity_factor": 2.0}),
-    ("stablemoe_lm_tiny", "stablemoe_lm_tiny", {"stage1_updates": 50}),
+    ("stablemoe_lm_tiny", "stablemoe_lm_tiny", {"stage1_updates": "50"}),
 ])
 def test_config_is_the_arch(name, arch, deliberate):
     from_yaml, from_arch = yaml_model(name), arch_model(arch)
