@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distilled_router import DISTILLED_ROUTERS, DistilledRouter
+from ..distilled_router import DistilledRouter, build_distilled_router
 from .base import Routing, TokenView, affinities, chosen_affinity, expert_load, load_and_counts
 from .base_layer import balanced_assignment
 
@@ -51,8 +51,7 @@ class StableMoERouting(nn.Module):
 
     @classmethod
     def build(cls, cfg, dim: int, vocab_size: int, padding_idx: int) -> "StableMoERouting":
-        router = DISTILLED_ROUTERS[str(cfg.distilled_router)](
-            vocab_size, cfg.moe_experts, cfg.distilled_dim, padding_idx)
+        router = build_distilled_router(cfg, vocab_size, padding_idx)
         return cls(dim, cfg.moe_experts, router, cfg.stage1_updates, str(cfg.stage1_assignment))
 
     @property
