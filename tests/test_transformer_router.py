@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fairseq_stablemoe  # noqa: F401  (registers the plugin for in-process loading)
+from fairseq_stablemoe.moe import parameter_counts
 from fairseq_stablemoe.moe.distilled_router import TransformerRouter
 from helpers import PLUGIN, build_lm, preprocess_lm, run_cli, train_lm_args, write_corpus
 
@@ -47,6 +48,9 @@ def test_layers_and_parameters(tmp_path):
     # every router parameter is a distilled-router parameter (what the reproductions count as routing params)
     names = {n for n, _ in model.named_parameters() if ".distilled_router." in n}
     assert len(names) == len(list(router.parameters())) and any(".blocks.2." in n for n in names)
+    routing = model.moe_layers()[0].routing
+    assert parameter_counts(model)[2] == sum(p.numel() for p in routing.parameters())  # counted as routing
+    assert sum(p.numel() for p in router.parameters()) > sum(p.numel() for p in router.embed.parameters()) * 2
     with pytest.raises(ValueError, match="--distilled-router-layers 2 applies to --distilled-router transformer"):
         build_lm(tmp_path, "--distilled-router-layers", 2)
 
