@@ -183,7 +183,18 @@ class LMReproduction:
 
     def result(self, run: Run) -> dict:
         folder = os.path.join(self.out, "runs", run.folder)
-        return cached(os.path.join(folder, "result.json"), lambda: self._train_and_score(run, folder))
+        path = os.path.join(folder, "result.json")
+        result = cached(path, lambda: self._train_and_score(run, folder))
+        if self.needs_freeze_report(run) and "freeze" not in result:  # a result written before the report existed
+            with locked(path):
+                result["freeze"] = freeze_report(folder, self.prepare(), self.scale.tokens_per_sample)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(result, f, indent=1)
+                os.replace(path + ".tmp", path)
+        return result
+
+    def needs_freeze_report(self, run: Run) -> bool:
+        return self.scale is LONG and run.routing in ("stablemoe", "hash")
 
     def _train_and_score(self, run: Run, folder: str) -> dict:
         data = self.prepare()
@@ -200,7 +211,7 @@ class LMReproduction:
             result[f"{split}_ppl"] = float(re.findall(r"Perplexity: ([0-9.]+)", scored)[-1])
         result.update(model_size(os.path.join(folder, "checkpoint_last.pt"), run.routing,
                                  self.scale.tokens_per_sample))
-        if run.routing == "stablemoe":
+        if self.needs_freeze_report(run):
             result["freeze"] = freeze_report(folder, data, self.scale.tokens_per_sample)
         result["train_seconds"] = training_seconds(os.path.join(folder, "train.log"))
         print(f"done {run.folder}: valid ppl {result['valid_ppl']:.2f}", flush=True)
@@ -284,13 +295,17 @@ def _freeze_report(folder: str, data: str, tokens: int) -> dict:
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([path])
     model = models[0].eval()
     layer = model.moe_layers()[0]
-    router = layer.routing.distilled_router
     valid = data_utils.load_indexed_dataset(os.path.join(data, "valid"), task.source_dictionary)
     stream = torch.cat([valid[i] for i in range(len(valid))]).long()
     blocks = stream[: len(stream) // tokens * tokens].view(-1, tokens)
-    with torch.no_grad():
-        experts = torch.cat([router.route(b, tokens) for b in blocks.split(64)]).flatten()
+    router = getattr(layer.routing, "distilled_router", None)
+    with torch.no_grad():  # a hash routing's table is the fixed routing it compares with
+        experts = layer.routing.table[blocks].flatten() if router is None else \
+            torch.cat([router.route(b, tokens) for b in blocks.split(64)]).flatten()
     load = torch.bincount(experts, minlength=layer.routing.num_experts).float()
+    report = {"valid_load_max_mean": (load.max() / load.mean()).item(), "valid_tokens": blocks.numel()}
+    if router is None:
+        return {"agreement_update": None, "agreement": None, "valid_seen_share": None, **report}
 
     seen_share = None
     state = checkpoint_utils.load_checkpoint_to_cpu(path)
@@ -302,8 +317,7 @@ def _freeze_report(folder: str, data: str, tokens: int) -> dict:
         seen = moments[index]["exp_avg_sq"].abs().sum(1) > 0
         seen_share = seen[blocks.flatten()].float().mean().item()
     update, agreement = agreement_at_freeze(os.path.join(folder, "train.log")) or (None, None)
-    return {"agreement_update": update, "agreement": agreement, "valid_seen_share": seen_share,
-            "valid_load_max_mean": (load.max() / load.mean()).item(), "valid_tokens": blocks.numel()}
+    return {"agreement_update": update, "agreement": agreement, "valid_seen_share": seen_share, **report}
 
 
 _LOADING = threading.Lock()  # fairseq's registries and user-dir import are not thread-safe
