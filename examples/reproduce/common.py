@@ -35,6 +35,8 @@ def parser(doc: str, default_data: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join(ROOT, "results", "reproduce"),
                    help="results folder; runs are shared between entry points that use the same --out")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time, one CPU thread each")
+    p.add_argument("--finished", action="store_true",
+                   help="table2.py: write the table from the runs already finished (e.g. while the rest train)")
     return p
 
 

@@ -193,6 +193,9 @@ class LMReproduction:
                 os.replace(path + ".tmp", path)
         return result
 
+    def finished(self, run: Run) -> bool:
+        return os.path.exists(os.path.join(self.out, "runs", run.folder, "result.json"))
+
     def needs_freeze_report(self, run: Run) -> bool:
         return self.scale is LONG and run.routing in ("stablemoe", "hash")
 

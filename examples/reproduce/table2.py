@@ -31,6 +31,8 @@ def table_rows(repro):
 def rows(repro):
     # seed-major: an interrupted run of the entry point leaves whole seeds of every row
     runs = [run.seeded(seed) for seed in repro.seeds() for run in table_rows(repro)]
+    if repro.args.finished:
+        runs = [run for run in runs if repro.finished(run)]
     by_name = {}
     for result in repro.results(runs):
         by_name.setdefault(result["name"], []).append(result)
@@ -54,12 +56,17 @@ def table(by_name, runs) -> str:
                            "paper shared", "paper expert", "paper FLOPs", "paper valid", "paper test"], body)
 
 
-def gaps(by_name, others=("Switch Transformer", "BASE Layer", "Hash Layer")) -> str:
+GAPS = ("Switch Transformer", "BASE Layer", "Hash Layer")
+
+
+def gaps(by_name, others=GAPS) -> str:
     """StableMoE minus each other row, seed by seed (the seeds share data order and initial weights' seed)."""
-    stable = {r["seed"]: r["valid_ppl"] for r in by_name["StableMoE"]}
+    stable = {r["seed"]: r["valid_ppl"] for r in by_name.get("StableMoE", [])}
     lines = []
     for name in others:
-        diffs = [stable[r["seed"]] - r["valid_ppl"] for r in by_name[name] if r["seed"] in stable]
+        diffs = [stable[r["seed"]] - r["valid_ppl"] for r in by_name.get(name, []) if r["seed"] in stable]
+        if not diffs:
+            continue
         spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
         wins = sum(d < 0 for d in diffs)
         lines.append(f"- StableMoE − {name}: valid PPL {statistics.mean(diffs):+.2f}{spread} "
@@ -67,8 +74,8 @@ def gaps(by_name, others=("Switch Transformer", "BASE Layer", "Hash Layer")) -> 
     return "\n".join(lines)
 
 
-def pct(values):
-    return mean_std([100 * v if v is not None else None for v in values], 1)
+def pct(values, digits=1):
+    return mean_std([100 * v if v is not None else None for v in values], digits)
 
 
 def frozen(by_name, runs) -> str:
@@ -77,8 +84,9 @@ def frozen(by_name, runs) -> str:
     for run in runs:
         reports = [r["freeze"] for r in by_name[run.name] if r.get("freeze")]
         if reports:
-            body.append([run.name, ", ".join(sorted({str(f["agreement_update"]) for f in reports})),
-                         pct([f["agreement"] for f in reports]), pct([f["valid_seen_share"] for f in reports]),
+            ends = sorted({str(f["agreement_update"]) for f in reports if f["agreement_update"] is not None})
+            body.append([run.name, ", ".join(ends) or "–", pct([f["agreement"] for f in reports]),
+                         pct([f["valid_seen_share"] for f in reports], 2),
                          mean_std([f["valid_load_max_mean"] for f in reports])])
     return markdown_table(["Routing", "stage 1 ends at update", "router agrees with the backbone (%)",
                            "valid tokens of a type seen in stage 1 (%)", "frozen routing's valid load max/mean"],
@@ -88,17 +96,18 @@ def frozen(by_name, runs) -> str:
 def main():
     repro = setup(__doc__)
     by_name = rows(repro)
-    runs = table_rows(repro)
-    others = [run.name for run in runs if run.name != "StableMoE"] if repro.args.long else None
-    text = (f"# Table 2 at CPU scale{' (long mode)' if repro.args.long else ''}\n\n{repro.scale.describe()}."
-            f"\n\n{table(by_name, runs)}\n\nPaired differences (negative: StableMoE better):\n\n"
-            f"{gaps(by_name, others) if others else gaps(by_name)}\n")
+    runs = [run for run in table_rows(repro) if run.name in by_name]
+    others = [run.name for run in runs if run.name != "StableMoE"] if repro.args.long else GAPS
+    title = "Table 2 at CPU scale" + (" (long mode)" if repro.args.long else "") + \
+        (": the runs finished so far" if repro.args.finished else "")
+    text = (f"# {title}\n\n{repro.scale.describe()}.\n\n{table(by_name, runs)}\n\n"
+            f"Paired differences (negative: StableMoE better):\n\n{gaps(by_name, others)}\n")
     if repro.args.long:
         seconds = [[run.name, mean_std([r.get("train_seconds") for r in by_name[run.name]], 0)] for run in runs]
-        text += (f"\nWhat the routing froze (the router's agreement: its training-log interval ending at the "
-                 f"switch; load over the {by_name['StableMoE'][0]['freeze']['valid_tokens']} valid tokens):"
-                 f"\n\n{frozen(by_name, runs)}\n\nTraining seconds (fairseq's train_wall, one thread, shared "
-                 f"machine):\n\n{markdown_table(['Model', 'seconds'], seconds)}\n")
+        text += (f"\nWhat the routing froze (the router's agreement: the last training-log interval of stage 1; "
+                 f"load: over the first {repro.scale.eval_lines} lines of valid):\n\n{frozen(by_name, runs)}\n\n"
+                 f"Training seconds (fairseq's train_wall, one thread, shared machine):\n\n"
+                 f"{markdown_table(['Model', 'seconds'], seconds)}\n")
     write_report(f"{repro.out}/table2.md", text)
 
 
