@@ -253,7 +253,7 @@ def training_curve(log: str) -> List[dict]:
 
 
 def training_seconds(log_path: str):
-    """fairseq's train_wall at the end of training: seconds spent in training steps (it survives a resume)."""
+    """fairseq's train_wall in the last epoch summary of the log: seconds in training steps (the last attempt's)."""
     last = None
     with open(log_path) as f:
         lines = f.read().splitlines()
