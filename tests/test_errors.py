@@ -52,7 +52,9 @@ CONFIG_CASES = {
     "capacity-inf": (dict(capacity_factor=float("inf")), "--capacity-factor/--eval-capacity-factor must be finite "
                                                          "(got inf/0.0); use 0 for unlimited"),
     "router-unknown": (dict(distilled_router="lstm"), "--distilled-router lstm is unknown; choose one of wordemb, "
-                                                      "cnn, bigram"),
+                                                      "cnn, bigram, transformer"),
+    "router-layers": (dict(distilled_router_layers=0), "--distilled-router-layers must be at least 1 (got 0); the "
+                                                       "paper uses 1, 2 or 3"),
     "routing-unknown": (dict(moe_routing="topk"), "--moe-routing topk is unknown; choose one of stablemoe, switch, "
                                                   "base, hash, dense, dense_deeper, dense_wider"),
     "stage1-assignment": (dict(moe_routing="switch", stage1_assignment="balanced"),

@@ -67,6 +67,16 @@ def test_training_curve_keeps_the_resumed_attempt():
                                    {"update": 30, "train_seconds": 16.0, "ppl": 60.0}]
 
 
+def test_agreement_at_freeze_is_the_last_interval_wholly_in_stage_1(tmp_path):
+    from lm import agreement_at_freeze
+
+    def inner(update, stage, acc):
+        return f'x | INFO | train_inner | {{"num_updates": "{update}", "stage": "{stage}", "distill_acc": "{acc}"}}'
+    log = tmp_path / "train.log"
+    log.write_text("\n".join([inner(25, 1, 0.2), inner(50, 1, 0.4), inner(75, 1.6, 0.3), inner(100, 2, 0.1)]))
+    assert agreement_at_freeze(str(log)) == (50, 0.4)
+
+
 def run_entry(script, *args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.join(REPRODUCE, script), "--quick", *map(str, args)],

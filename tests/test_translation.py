@@ -93,7 +93,7 @@ def forced_scores(model, src, src_len, hyp, eos):
     return lprobs[0].gather(1, hyp[:, None]).squeeze(1)
 
 
-@pytest.mark.parametrize("router", ["wordemb", "cnn", "bigram"])
+@pytest.mark.parametrize("router", ["wordemb", "cnn", "bigram", "transformer"])
 def test_incremental_decoding_equals_full_sequence(router):
     d = make_dictionary()
     model = build_model(d, router)

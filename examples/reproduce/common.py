@@ -26,11 +26,17 @@ logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's logging s
 
 def parser(doc: str, default_data: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a minutes-long smoke run: tiny data, model and budget")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a minutes-long smoke run: tiny data, model and budget")
+    mode.add_argument("--long", action="store_true",
+                      help="10x the updates of the default mode on a smaller model and vocabulary, so that "
+                           "StableMoE's stage 1 can learn a routing (where the entry point has a long mode)")
     p.add_argument("--data", default=default_data, help=f"the corpus (default {default_data})")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "reproduce"),
                    help="results folder; runs are shared between entry points that use the same --out")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at the same time, one CPU thread each")
+    p.add_argument("--finished", action="store_true",
+                   help="table2.py: write the table from the runs already finished (e.g. while the rest train)")
     return p
 
 
@@ -43,8 +49,12 @@ def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
+def mode(args) -> str:
+    return "quick" if args.quick else "long" if getattr(args, "long", False) else "full"
+
+
 def out_dir(args) -> str:
-    path = os.path.join(args.out, "quick" if args.quick else "full")
+    path = os.path.join(args.out, mode(args))
     os.makedirs(path, exist_ok=True)
     return path
 

@@ -43,6 +43,7 @@ class Scale:
     seeds: int
     probe_interval: int
     probe_tokens: int
+    log_interval: int = 0  # updates per training-log line; 0: the validation interval
 
     def describe(self) -> str:
         return (f"{self.blocks} blocks of {self.dim}/{4 * self.dim} ({self.heads} heads, learned positions, "
@@ -56,6 +57,13 @@ class Scale:
 FULL = Scale(train_lines=0, eval_lines=500, curve_lines=100, vocab=4000, dim=64, blocks=4, heads=4, experts=8,
              sublayers=2, tokens_per_sample=128, batch_size=16, updates=200, curve_points=8, lr=3e-3, seeds=3,
              probe_interval=10, probe_tokens=4096)
+# Long mode: 10x FULL's updates, so that stage 1 (200 updates) is long enough for the distilled router to learn
+# (stage1-measurements: a word-embedding router is step-bound, N(0, 1) moved ~lr per Adam step), on a vocabulary
+# of 1,000 so that stage 1's 100K tokens cover nearly every type of the validation text, and a model small
+# enough that 3 seeds of 6 rows fit in about an hour of one CPU core (measured: see RESULTS.md).
+LONG = Scale(train_lines=0, eval_lines=500, curve_lines=100, vocab=1000, dim=32, blocks=2, heads=4, experts=8,
+             sublayers=2, tokens_per_sample=64, batch_size=8, updates=2000, curve_points=10, lr=3e-3, seeds=3,
+             probe_interval=100, probe_tokens=2048, log_interval=25)
 QUICK = Scale(train_lines=300, eval_lines=30, curve_lines=20, vocab=200, dim=32, blocks=2, heads=2, experts=4,
               sublayers=2, tokens_per_sample=32, batch_size=4, updates=20, curve_points=2, lr=3e-3, seeds=1,
               probe_interval=5, probe_tokens=256)
@@ -100,6 +108,10 @@ TABLE2 = [
     moe("StableMoE", "stablemoe"),
 ]
 STABLEMOE = TABLE2[-1]
+# stage 1 assigns by BASE's balanced assignment and distils it; stage 2 as StableMoE (paper Table 5)
+BASE_FIXED = moe("BASE fixed routing", "stablemoe", "--stage1-assignment", "balanced")
+# long mode: Table 2 without the larger dense controls (twice the cost), with BASE + fixed routing
+TABLE2_LONG = [TABLE2[0], *TABLE2[3:], BASE_FIXED]
 
 
 class LMReproduction:
@@ -159,7 +171,7 @@ class LMReproduction:
                  "--tokens-per-sample", s.tokens_per_sample, "--sample-break-mode", "none",
                  "--batch-size", s.batch_size, "--valid-subset", "valid1", "--validate-interval-updates", interval,
                  "--save-interval-updates", interval, "--keep-interval-updates", 1, "--no-epoch-checkpoints",
-                 "--save-dir", save_dir, "--log-format", "json", "--log-interval", interval,
+                 "--save-dir", save_dir, "--log-format", "json", "--log-interval", s.log_interval or interval,
                  "--seed", run.seed, "--cpu", "--num-workers", 0]
         if run.routing:
             flags += ["--moe-experts", s.experts, "--moe-sublayers", s.sublayers]
@@ -171,7 +183,21 @@ class LMReproduction:
 
     def result(self, run: Run) -> dict:
         folder = os.path.join(self.out, "runs", run.folder)
-        return cached(os.path.join(folder, "result.json"), lambda: self._train_and_score(run, folder))
+        path = os.path.join(folder, "result.json")
+        result = cached(path, lambda: self._train_and_score(run, folder))
+        if self.needs_freeze_report(run) and "freeze" not in result:  # a result written before the report existed
+            with locked(path):
+                result["freeze"] = freeze_report(folder, self.prepare(), self.scale.tokens_per_sample)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(result, f, indent=1)
+                os.replace(path + ".tmp", path)
+        return result
+
+    def finished(self, run: Run) -> bool:
+        return os.path.exists(os.path.join(self.out, "runs", run.folder, "result.json"))
+
+    def needs_freeze_report(self, run: Run) -> bool:
+        return self.scale is LONG and run.routing in ("stablemoe", "hash")
 
     def _train_and_score(self, run: Run, folder: str) -> dict:
         data = self.prepare()
@@ -188,6 +214,9 @@ class LMReproduction:
             result[f"{split}_ppl"] = float(re.findall(r"Perplexity: ([0-9.]+)", scored)[-1])
         result.update(model_size(os.path.join(folder, "checkpoint_last.pt"), run.routing,
                                  self.scale.tokens_per_sample))
+        if self.needs_freeze_report(run):
+            result["freeze"] = freeze_report(folder, data, self.scale.tokens_per_sample)
+        result["train_seconds"] = training_seconds(os.path.join(folder, "train.log"))
         print(f"done {run.folder}: valid ppl {result['valid_ppl']:.2f}", flush=True)
         return result
 
@@ -221,6 +250,77 @@ def training_curve(log: str) -> List[dict]:
             curve[update] = {"update": update, "train_seconds": seconds if update == last_update else None,
                              "ppl": float(stats["valid1_ppl"])}
     return [curve[u] for u in sorted(curve)]
+
+
+def training_seconds(log_path: str):
+    """fairseq's train_wall in the last epoch summary of the log: seconds in training steps (the last attempt's)."""
+    last = None
+    with open(log_path) as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        if "| train | " in line:  # the epoch summary; a resumed run has one per attempt
+            last = float(json.loads(line.split("| train | ", 1)[1])["train_wall"])
+    return last
+
+
+def agreement_at_freeze(log_path: str):
+    """(update, distill_acc) of the last training-log interval spent wholly in stage 1: the distilled router's
+    agreement with the backbone's assignment just before it is frozen."""
+    found = None
+    with open(log_path) as f:
+        for line in f:
+            if "| train_inner | " in line:
+                stats = json.loads(line.split("| train_inner | ", 1)[1])
+                if float(stats.get("stage", 0)) == 1.0 and "distill_acc" in stats:
+                    found = (int(stats["num_updates"]), float(stats["distill_acc"]))
+    return found
+
+
+def freeze_report(folder: str, data: str, tokens: int) -> dict:
+    with _LOADING:
+        return _freeze_report(folder, data, tokens)
+
+
+def _freeze_report(folder: str, data: str, tokens: int) -> dict:
+    """What StableMoE froze: the router's agreement with the backbone at the freeze (training log), the share
+    of validation tokens whose type the router saw in stage 1, and the frozen routing's load on validation.
+
+    "Seen in stage 1": the token's row of the router's embedding had a gradient before the freeze, i.e. a
+    non-zero Adam second moment in checkpoint_last.pt (a frozen router gets no gradient, so its Adam state is
+    the state at the freeze). Unknown (None) if the optimizer state does not line up with the parameters
+    (e.g. a run resumed after the switch)."""
+    import torch
+    from fairseq import checkpoint_utils, utils
+    from fairseq.data import data_utils
+
+    utils.import_user_module(type("Args", (), {"user_dir": PLUGIN})())
+    path = os.path.join(folder, "checkpoint_last.pt")
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([path])
+    model = models[0].eval()
+    layer = model.moe_layers()[0]
+    valid = data_utils.load_indexed_dataset(os.path.join(data, "valid"), task.source_dictionary)
+    stream = torch.cat([valid[i] for i in range(len(valid))]).long()
+    blocks = stream[: len(stream) // tokens * tokens].view(-1, tokens)
+    router = getattr(layer.routing, "distilled_router", None)
+    with torch.no_grad():  # a hash routing's table is the fixed routing it compares with
+        experts = layer.routing.table[blocks].flatten() if router is None else \
+            torch.cat([router.route(b, tokens) for b in blocks.split(64)]).flatten()
+    load = torch.bincount(experts, minlength=layer.routing.num_experts).float()
+    report = {"valid_load_max_mean": (load.max() / load.mean()).item(), "valid_tokens": blocks.numel()}
+    if router is None:
+        return {"agreement_update": None, "agreement": None, "valid_seen_share": None, **report}
+
+    seen_share = None
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    moments = state.get("last_optimizer_state", {}).get("state", {})
+    params = list(model.named_parameters())
+    if len(moments) == len(params) and all(moments[i]["exp_avg_sq"].shape == p.shape
+                                           for i, (_, p) in enumerate(params)):
+        index = next(i for i, (n, _) in enumerate(params) if n.endswith("distilled_router.embed.weight"))
+        seen = moments[index]["exp_avg_sq"].abs().sum(1) > 0
+        seen_share = seen[blocks.flatten()].float().mean().item()
+    update, agreement = agreement_at_freeze(os.path.join(folder, "train.log")) or (None, None)
+    return {"agreement_update": update, "agreement": agreement, "valid_seen_share": seen_share, **report}
 
 
 _LOADING = threading.Lock()  # fairseq's registries and user-dir import are not thread-safe
@@ -257,8 +357,8 @@ def setup(doc: str):
     from common import out_dir, parser
 
     args = parser(doc, DEFAULT_DATA).parse_args()
-    return LMReproduction(args, QUICK if args.quick else FULL, out_dir(args))
+    return LMReproduction(args, QUICK if args.quick else LONG if args.long else FULL, out_dir(args))
 
 
-__all__ = ["LMReproduction", "Run", "Scale", "FULL", "QUICK", "TABLE2", "STABLEMOE", "moe", "standard", "setup",
-           "ROOT"]
+__all__ = ["LMReproduction", "Run", "Scale", "FULL", "LONG", "QUICK", "TABLE2", "TABLE2_LONG", "STABLEMOE",
+           "BASE_FIXED", "moe", "standard", "setup", "ROOT"]

@@ -1,14 +1,18 @@
 """Paper Table 3 at CPU scale: X→En BLEU of the dense, FLOP-matched dense and MoE translation models.
 
-    python examples/reproduce/table3.py [--quick] [--data ../shared/data/mt] [--out results/reproduce]
+    python examples/reproduce/table3.py [--quick | --long] [--data ../shared/data/mt] [--out results/reproduce]
 
 One multilingual model per row, trained on the nine X↔En pairs of the paper (both directions, temperature
 sampling T=5) with examples/multilingual_translation/prepare.py's data, then examples/multilingual_translation/
-evaluate.py translates each X→En test set (beam 4) and scores it with sacreBLEU. Writes OUT/{full,quick}/table3.md.
+evaluate.py translates each X→En test set (beam 4) and scores it with sacreBLEU. Writes OUT/{full,quick,long}/
+table3.md. --long: the standard Transformer and StableMoE, 2+2 blocks of 128, trained X→En on all the training
+pairs for 4,000 updates, with a learning curve (greedy BLEU of de, cs, fr every 1,000 updates) and wall times.
 """
+import glob
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -30,27 +34,40 @@ PAPER = {  # X→En BLEU per language, average
 @dataclass(frozen=True)
 class MTScale:
     langs: Tuple[str, ...]
-    train_lines: int  # per pair
+    train_lines: int  # per pair; 0: all
     eval_lines: int
     vocab: int
     updates: int
     max_tokens: int
     beam: int
+    x2en_only: bool = False  # train X→En only (else both directions)
+    dim: int = 64
+    layers: int = 2  # per stack
+    curve_interval: int = 0  # long mode: keep a checkpoint every this many updates and score it (BLEU curve)
+    curve_langs: Tuple[str, ...] = ()
 
     def describe(self) -> str:
-        return (f"{len(self.langs)} languages × {self.train_lines} training pairs each (X→En and En→X), "
-                f"{self.eval_lines} test pairs per language; sentencepiece {self.vocab} joined; 2+2 blocks of "
-                f"64/256 (4 heads), MoE: one layer of 8 experts × 2 sublayers after block 1 of each stack; "
-                f"{self.max_tokens} tokens per batch, {self.updates} updates (StableMoE stage 1: 10 %), Adam "
-                f"(0.9, 0.98), lr 2e-3 inverse-sqrt, clip 0.1, dropout 0.1, label smoothing 0.1; beam {self.beam}")
+        pairs = f"{self.train_lines} training pairs each" if self.train_lines else "all their training pairs"
+        return (f"{len(self.langs)} languages × {pairs} ({'X→En only' if self.x2en_only else 'X→En and En→X'}), "
+                f"{self.eval_lines} test pairs per language; sentencepiece {self.vocab} joined; "
+                f"{self.layers}+{self.layers} blocks of {self.dim}/{4 * self.dim} (4 heads), MoE: one layer of 8 "
+                f"experts × 2 sublayers after block {self.layers // 2} of each stack; {self.max_tokens} tokens per "
+                f"batch, {self.updates} updates (StableMoE stage 1: 10 %), Adam (0.9, 0.98), lr 2e-3 inverse-sqrt, "
+                f"clip 0.1, dropout 0.1, label smoothing 0.1; beam {self.beam}")
 
 
 FULL = MTScale(langs=LANGS, train_lines=3000, eval_lines=100, vocab=4000, updates=200, max_tokens=2000, beam=4)
+# long mode: a model and budget that can translate (X→En only; see RESULTS.md for the measured speed)
+LONG = MTScale(langs=LANGS, train_lines=0, eval_lines=200, vocab=8000, updates=4000, max_tokens=4000, beam=4,
+               x2en_only=True, dim=128, layers=2, curve_interval=1000, curve_langs=("de", "cs", "fr"))
 QUICK = MTScale(langs=("xx", "yy"), train_lines=200, eval_lines=10, vocab=100, updates=10, max_tokens=400, beam=1)
 
-SHAPE = ["--encoder-embed-dim", 64, "--decoder-embed-dim", 64, "--encoder-ffn-embed-dim", 256,
-         "--decoder-ffn-embed-dim", 256, "--encoder-layers", 2, "--decoder-layers", 2,
-         "--encoder-attention-heads", 4, "--decoder-attention-heads", 4, "--dropout", 0.1, "--attention-dropout", 0]
+def shape(scale: MTScale) -> list:
+    d = scale.dim
+    return ["--encoder-embed-dim", d, "--decoder-embed-dim", d, "--encoder-ffn-embed-dim", 4 * d,
+            "--decoder-ffn-embed-dim", 4 * d, "--encoder-layers", scale.layers, "--decoder-layers", scale.layers,
+            "--encoder-attention-heads", 4, "--decoder-attention-heads", 4, "--dropout", 0.1,
+            "--attention-dropout", 0]
 
 
 def moe(routing: str):
@@ -70,6 +87,9 @@ ROWS = {
 }
 
 
+LONG_ROWS = ("Standard Transformer", "StableMoE")
+
+
 def prepare(args, scale, out) -> str:
     prep = os.path.join(out, "mt-data")
 
@@ -87,30 +107,62 @@ def prepare(args, scale, out) -> str:
 def train_and_score(name, flags, args, scale, prep, folder, threads):
     langs = open(os.path.join(prep, "langs.txt")).read().split()
     pairs = open(os.path.join(prep, "lang_pairs.txt")).read().split()
+    if scale.x2en_only:
+        pairs = [pair for pair in pairs if pair.endswith("-en")]
     stage1 = ["--stage1-updates", max(1, scale.updates // 10)] if "stablemoe" in flags else []
+    saving = ["--save-interval-updates", max(1, scale.updates // 2), "--keep-interval-updates", 1,
+              "--validate-interval", 1000]
+    if scale.curve_interval:  # every kept checkpoint is a point of the curve; validate at each
+        saving = ["--save-interval-updates", scale.curve_interval, "--keep-interval-updates", -1,
+                  "--validate-interval-updates", scale.curve_interval, "--validate-interval", 1000]
+    start = time.time()
     log = run_logged(fairseq_cli("train") + [
-        os.path.join(prep, "bin"), *flags, *SHAPE, "--langs", ",".join(langs), "--lang-pairs", ",".join(pairs),
+        os.path.join(prep, "bin"), *flags, *shape(scale), "--langs", ",".join(langs), "--lang-pairs", ",".join(pairs),
         "--encoder-langtok", "src", "--decoder-langtok", "--sampling-method", "temperature",
         "--sampling-temperature", 5, "--share-all-embeddings", "--label-smoothing", 0.1,
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", 0.1, "--lr", 2e-3,
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", max(1, scale.updates // 8),
         "--max-tokens", scale.max_tokens, "--max-update", scale.updates,
-        *stage1, "--seed", 1, "--save-dir", folder, "--no-epoch-checkpoints",
-        "--save-interval-updates", max(1, scale.updates // 2), "--keep-interval-updates", 1,
-        "--validate-interval", 1000, "--cpu", "--num-workers", 0, "--log-format", "simple", "--log-interval", 50],
+        *stage1, "--seed", 1, "--save-dir", folder, "--no-epoch-checkpoints", *saving, "--cpu", "--num-workers", 0, "--log-format", "simple", "--log-interval", 50],
         os.path.join(folder, "train.log"), threads)
+    seconds = time.time() - start
     valid_ppl = float(re.findall(r"\| valid on 'valid' subset .*?\| ppl ([0-9.]+)", log)[-1])
     scored = run_logged([sys.executable, os.path.join(MT, "evaluate.py"), "--prep", prep, "--checkpoint",
                       os.path.join(folder, "checkpoint_last.pt"), "--out", os.path.join(folder, "eval"),
                       "--name", name, "--directions", "x2en", "--", "--beam", scale.beam, "--batch-size", 50,
                       "--cpu"], os.path.join(folder, "eval.log"), threads, append=False)
     bleu = {lang: float(score) for lang, score in re.findall(r"(\w+)->en: BLEU ([0-9.]+)", scored)}
-    return {"name": name, "bleu": bleu, "valid_ppl": valid_ppl}
+    result = {"name": name, "bleu": bleu, "valid_ppl": valid_ppl}
+    if scale.curve_interval:
+        result["train_seconds"] = seconds  # fairseq-train's wall time, validations included (this attempt)
+        result["curve"] = bleu_curve(name, scale, prep, folder, log, threads)
+    return result
+
+
+def bleu_curve(name, scale, prep, folder, log, threads) -> list:
+    """Greedy X→En test BLEU of scale.curve_langs at every kept checkpoint, with the validation ppl there."""
+    valid = {int(u): float(p) for p, u in re.findall(
+        r"\| valid on 'valid' subset .*?\| ppl ([0-9.]+) .*?\| num_updates ([0-9]+)", log)}
+    points = []
+    for update in range(scale.curve_interval, scale.updates + 1, scale.curve_interval):
+        found = glob.glob(os.path.join(folder, f"checkpoint_*_{update}.pt"))  # checkpoint_<epoch>_<update>.pt
+        if not found:
+            continue
+        checkpoint = found[0]
+        scored = run_logged([sys.executable, os.path.join(MT, "evaluate.py"), "--prep", prep, "--checkpoint",
+                             checkpoint, "--out", os.path.join(folder, f"curve-{update}"), "--name", name,
+                             "--langs", ",".join(scale.curve_langs), "--directions", "x2en", "--", "--beam", 1,
+                             "--batch-size", 100, "--cpu"], os.path.join(folder, "curve.log"), threads)
+        bleu = dict(re.findall(r"(\w+)->en: BLEU ([0-9.]+)", scored.rsplit("$ ", 1)[-1]))
+        points.append({"update": update, "valid_ppl": valid.get(update),
+                       "bleu": {lang: float(b) for lang, b in bleu.items()}})
+    return points
 
 
 def main():
     args = parser(__doc__, os.path.join(SHARED, "mt")).parse_args()
-    scale, out = (QUICK if args.quick else FULL), out_dir(args)
+    scale, out = (QUICK if args.quick else LONG if args.long else FULL), out_dir(args)
+    rows = {name: ROWS[name] for name in LONG_ROWS} if args.long else ROWS
     missing = [lang for lang in scale.langs if not os.path.isdir(os.path.join(args.data, f"{lang}-en"))]
     if missing:
         sys.exit(f"--data {args.data}: no {', '.join(f'{lang}-en/' for lang in missing)} there; pass --data with "
@@ -124,7 +176,7 @@ def main():
         return lambda: cached(os.path.join(folder, "result.json"),
                               lambda: train_and_score(name, flags, args, scale, prep, folder, threads))
 
-    results = run_all([task(name, flags) for name, flags in ROWS.items()], args.jobs)
+    results = run_all([task(name, flags) for name, flags in rows.items()], args.jobs)
     body = []
     for result in results:
         scores = [result["bleu"][lang] for lang in scale.langs]
@@ -133,9 +185,29 @@ def main():
     if scale.langs == LANGS:
         body += [[f"paper: {name}", *(f"{s:.1f}" for s in scores[:-1]), f"{scores[-1]:.2f}", ""]
                  for name, scores in PAPER.items()]
-    table = markdown_table(["Model", *scale.langs, "Avg", "valid ppl (all directions)"], body)
-    write_report(f"{out}/table3.md", f"# Table 3 at CPU scale: X→En test BLEU (seed 1)\n\n{scale.describe()}.\n\n"
-                                     f"{table}\n")
+    directions = "X→En" if scale.x2en_only else "all directions"
+    table = markdown_table(["Model", *scale.langs, "Avg", f"valid ppl ({directions})"], body)
+    text = f"# Table 3 at CPU scale: X→En test BLEU (seed 1)\n\n{scale.describe()}.\n\n{table}\n"
+    if scale.curve_interval:
+        text += long_report(results, scale)
+    write_report(f"{out}/table3.md", text)
+
+
+def long_report(results, scale) -> str:
+    import sacrebleu
+
+    bleu = sacrebleu.metrics.BLEU()  # evaluate.py's sacrebleu.corpus_bleu defaults
+    bleu.corpus_score(["a"], [["a"]])  # the signature names nrefs once a corpus was scored
+    seconds = markdown_table(["Model", "fairseq-train wall seconds (one thread, shared machine)"],
+                             [[r["name"], f"{r['train_seconds']:.0f}"] for r in results])
+    curve = markdown_table(
+        ["Model", "update", "valid ppl", *(f"{lang} BLEU (greedy)" for lang in scale.curve_langs)],
+        [[r["name"], p["update"], f"{p['valid_ppl']:.2f}" if p["valid_ppl"] else "–",
+          *(f"{p['bleu'].get(lang, float('nan')):.2f}" for lang in scale.curve_langs)]
+         for r in results for p in r["curve"]])
+    return (f"\nsacreBLEU signature: `{bleu.get_signature()}`\n\n{seconds}\n\nLearning curve (X→En test BLEU "
+            f"of {', '.join(scale.curve_langs)} with greedy search at every {scale.curve_interval} updates):\n\n"
+            f"{curve}\n")
 
 
 if __name__ == "__main__":

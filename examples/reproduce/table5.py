@@ -8,12 +8,11 @@ balance loss) and distils it into the word-embedding router, which routes alone 
 as always, with the distilled router's routing); full StableMoE (Table 2's run).
 """
 from ablations import write_ablation
-from lm import STABLEMOE, TABLE2, moe
+from lm import BASE_FIXED, STABLEMOE, TABLE2, moe
 
 ROWS = [
     ("BASE Layer", next(r for r in TABLE2 if r.routing == "base"), 20.04),
-    ("BASE Layer + fixed routing (stage 2)", moe("BASE fixed routing", "stablemoe", "--stage1-assignment",
-                                                 "balanced"), 19.41),
+    ("BASE Layer + fixed routing (stage 2)", BASE_FIXED, 19.41),
     ("StableMoE with only stage 1", moe("StableMoE stage 1 only", "stablemoe", stage1_fraction=1.5,
                                         note="stage 1 for every update"), 19.48),
     ("StableMoE (stage 1 + fixed routing in stage 2)", STABLEMOE, 19.28),

@@ -43,8 +43,11 @@ class MoELayerConfig(FairseqDataclass):
                                            "--routing-probe-interval)"})
     distilled_router: DISTILLED_ROUTER_TYPES = field(
         default="wordemb", metadata={"help": "StableMoE distilled router: word embedding, causal width-5 CNN, "
-                                             "or bigram embedding"})
+                                             "bigram embedding, or a small causal Transformer"})
     distilled_dim: int = field(default=50, metadata={"help": "StableMoE distilled router feature size"})
+    distilled_router_layers: int = field(
+        default=1, metadata={"help": "--distilled-router transformer: its causal Transformer blocks (paper Table 6: "
+                                     "1, 2, 3)"})
     capacity_factor: float = field(
         default=0.0, metadata={"help": "training: an expert takes at most factor × tokens / experts tokens, "
                                        "the rest pass through unchanged (0 = unlimited)"})
@@ -104,6 +107,12 @@ def validate_moe_layer_config(cfg):
         fail(f"--moe-ffn-embed-dim must be >= 0 (got {ffn_dim}); 0 means the model's FFN size")
     if cfg.distilled_dim < 1:
         fail(f"--distilled-dim must be at least 1 (got {cfg.distilled_dim}); the paper uses 50")
+    router_layers = getattr(cfg, "distilled_router_layers", 1)  # configs saved before the flag lack it
+    if router_layers < 1:
+        fail(f"--distilled-router-layers must be at least 1 (got {router_layers}); the paper uses 1, 2 or 3")
+    if router_layers != 1 and str(cfg.distilled_router) != "transformer":
+        fail(f"--distilled-router-layers {router_layers} applies to --distilled-router transformer only (got "
+             f"--distilled-router {cfg.distilled_router})")
     stage1_schedule(cfg.stage1_updates)
     if not (math.isfinite(cfg.capacity_factor) and math.isfinite(cfg.eval_capacity_factor)):
         fail(f"--capacity-factor/--eval-capacity-factor must be finite (got {cfg.capacity_factor}/"

@@ -101,4 +101,72 @@ class BigramRouter(DistilledRouter):
         return (e + F.pad(e, (0, 0, 1, 0))[:, :-1]) / 2
 
 
-DISTILLED_ROUTERS = {"wordemb": WordEmbeddingRouter, "cnn": CNNRouter, "bigram": BigramRouter}
+class _CausalBlock(nn.Module):
+    """A pre-LN Transformer block (GPT-Neo's order: x + Att(LN(x)), then x + MLP(LN(x)), ReLU, no dropout)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # B x H x S x D/H
+        x = x + self.out(att.transpose(1, 2).reshape(b, s, d))
+        return x + self.fc2(F.relu(self.fc1(self.ln2(x))))
+
+
+class TransformerRouter(DistilledRouter):
+    """ĥ = a small causal Transformer over the token ids (paper Table 6; the authors' code builds a GPT-Neo
+    of K layers with global attention and ReLU, initialised N(0, 0.02), and routes from its last hidden state).
+
+    Position t attends to the non-pad tokens up to t, and positions count non-pad tokens as fairseq's do, so a
+    left-padded source routes like an unpadded one and a prefix routes like the full sequence (incremental
+    decoding). Heads: the largest count up to GPT-Neo's 12 that divides the feature size."""
+
+    max_positions = 1024  # GPT-Neo's
+
+    def __init__(self, vocab_size, num_experts, dim, padding_idx, layers: int = 1):
+        super().__init__(vocab_size, num_experts, dim, padding_idx)
+        heads = max(h for h in range(1, 13) if dim % h == 0)
+        self.positions = nn.Embedding(self.max_positions + 1, dim, padding_idx=0)  # 0: padding
+        self.blocks = nn.ModuleList(_CausalBlock(dim, heads) for _ in range(layers))
+        self.final_norm = nn.LayerNorm(dim)
+        for name, p in self.named_parameters():
+            if name != "centroids" and p.dim() > 1:
+                nn.init.normal_(p, std=0.02)  # GPT-Neo's initializer_range
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        self.embed.weight.data[padding_idx].zero_()
+        self.positions.weight.data[0].zero_()
+
+    def features(self, tokens):
+        real = tokens.ne(self.padding_idx)
+        positions = torch.cumsum(real, 1) * real  # 1, 2, ... over real tokens, 0 at pads
+        s = tokens.shape[1]
+        if s > self.max_positions and int(positions.max()) > self.max_positions:
+            raise ValueError(f"--distilled-router transformer sees at most {self.max_positions} tokens of a "
+                             f"sequence (got {int(positions.max())}); use shorter sequences (--tokens-per-sample, "
+                             f"--max-source-positions) or another --distilled-router")
+        x = self.embed(tokens) + self.positions(positions)
+        causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
+        # a pad query attends to itself alone, so no row is empty (an all-masked softmax is NaN)
+        allowed = (causal & real[:, None, :]) | torch.eye(s, dtype=torch.bool, device=tokens.device)
+        allowed = allowed[:, None]  # B x 1 x S x S, shared by the heads
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.final_norm(x)
+
+
+DISTILLED_ROUTERS = {"wordemb": WordEmbeddingRouter, "cnn": CNNRouter, "bigram": BigramRouter,
+                     "transformer": TransformerRouter}
+
+
+def build_distilled_router(cfg, vocab_size: int, padding_idx: int) -> DistilledRouter:
+    """The router that --distilled-router names, with its --distilled-dim (and --distilled-router-layers)."""
+    kind = str(cfg.distilled_router)
+    options = {"layers": getattr(cfg, "distilled_router_layers", 1)} if kind == "transformer" else {}
+    return DISTILLED_ROUTERS[kind](vocab_size, cfg.moe_experts, cfg.distilled_dim, padding_idx, **options)

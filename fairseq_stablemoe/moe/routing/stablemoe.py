@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..distilled_router import DISTILLED_ROUTERS, DistilledRouter
+from ..distilled_router import DistilledRouter, build_distilled_router
 from .base import CentroidRouting, Routing, TokenView, Vocabulary, affinities, chosen_affinity, load_and_counts
 from .base_layer import balanced_assignment
 
@@ -33,7 +33,6 @@ def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -
     n_bar = load.sum() / load.numel()
     overload = (load - n_bar) / n_bar.clamp(min=1e-9)  # an empty batch has load 0 everywhere
     return (overload[expert] * gate).sum()
-
 
 
 def stage1_schedule(value) -> Optional[int]:
@@ -68,8 +67,7 @@ class StableMoERouting(CentroidRouting):
 
     @classmethod
     def build(cls, cfg, dim: int, vocab: Vocabulary) -> "StableMoERouting":
-        router = DISTILLED_ROUTERS[str(cfg.distilled_router)](
-            vocab.size, cfg.moe_experts, cfg.distilled_dim, vocab.padding_idx)
+        router = build_distilled_router(cfg, vocab.size, vocab.padding_idx)
         return cls(dim, cfg.moe_experts, router, stage1_schedule(cfg.stage1_updates), str(cfg.stage1_assignment))
 
     def set_num_updates(self, num_updates: int):
