@@ -3,15 +3,16 @@ import pytest
 import torch
 
 from fairseq_stablemoe.moe import MoEConfig, Vocabulary, build_moe_layer
+from fairseq_stablemoe.moe.experts import CHECKPOINT_NAMES
 from fairseq_stablemoe.moe.layer import inverse_permutation
 from fairseq_stablemoe.moe.routing import TokenView
 
-PAD, VOCAB, EXPERTS, DIM = 1, 20, 4, 16
+PAD, VOCAB, EXPERTS, DIM, SUBLAYERS = 1, 20, 4, 16, 2
 
 
 def make_layer(stage, capacity_factor=0.0):
     torch.manual_seed(0)
-    cfg = MoEConfig(moe_experts=EXPERTS, moe_sublayers=2, moe_routing="stablemoe", stage1_updates=0,
+    cfg = MoEConfig(moe_experts=EXPERTS, moe_sublayers=SUBLAYERS, moe_routing="stablemoe", stage1_updates=0,
                     distilled_router="wordemb", distilled_dim=8, capacity_factor=capacity_factor)
     layer = build_moe_layer(cfg, DIM, 32, Vocabulary(VOCAB, PAD))
     with torch.no_grad():
@@ -138,6 +139,10 @@ def equations_5_to_15(params, x, tokens, stage):
     ids = tokens[:, -seq:].t().reshape(-1)
     rows = [t for t in range(seq * bsz) if ids[t] != PAD]
     h = x.reshape(-1, dim)
+    # the experts' weights are stacked (sublayer, expert, ...): expert e's own tensors are views of the leaves
+    params = {**params, **{f"experts.experts.{e}.{j}.{key}": params[f"experts.{name}"][j, e]
+                           for name, key in CHECKPOINT_NAMES.items() for j in range(SUBLAYERS)
+                           for e in range(EXPERTS)}}
     E, D, E_hat = params["routing.centroids"], params["routing.distilled_router.embed.weight"], \
         params["routing.distilled_router.centroids"]
     s = {t: E @ h[t] for t in rows}  # (5)

@@ -43,7 +43,7 @@ def test_losses_and_statistics_sum_over_all_moe_layers(tmp_path):
     model.stage_switching_task = True
     net_output = model(torch.randint(4, len(task.dictionary), (2, 8)))
     layers = model.moe_layers()
-    aux = collect_moe_aux(net_output)
+    aux = collect_moe_aux(model, net_output)
     per_layer = net_output[1]["moe_aux"]
     assert len(layers) == 2 and list(per_layer) == layers
     for key in ("balance_loss", "distill_loss", "tokens"):
