@@ -7,6 +7,7 @@ import re
 from typing import Dict, List, Optional
 
 import helpers
+from test_errors import doc_messages
 
 PACKAGE = helpers.PLUGIN
 DOC = os.path.join(helpers.ROOT, "docs", "errors.md")
@@ -82,12 +83,7 @@ def _owner(functions, tree, node):
 
 def doc_rows() -> Dict[str, str]:
     """{case id: exact text} of docs/errors.md."""
-    rows = {}
-    for line in open(DOC):
-        m = re.match(r"\|\s*`([\w-]+)`\s*\|.*\|\s*`(.+)`\s*\|\s*[\w/.]*\s*\|\s*$", line)
-        if m:
-            rows[m.group(1)] = m.group(2)
-    return rows
+    return doc_messages()
 
 
 def doc_texts() -> List[str]:

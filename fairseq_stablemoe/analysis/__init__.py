@@ -1,7 +1,26 @@
 """Command-line analyses of trained models and routing records (paper §1.1 Figs. 2 and 7, Table 9)."""
 import logging
+import sys
 
 
 def quiet_logging():
     """Importing fairseq's text_to_speech task sets the root logger to DEBUG; our tools print their own report."""
     logging.getLogger().setLevel(logging.WARNING)
+
+
+def pyplot():
+    """matplotlib's pyplot drawing into files (no screen needed), or exit naming the package to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("--plot needs matplotlib: pip install matplotlib (or pip install 'fairseq-stablemoe[plots]')")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, out: str):
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")

@@ -11,6 +11,7 @@ import sys
 from typing import List
 
 from ..tasks.expert_loads import load_expert_loads
+from . import pyplot, save_figure
 
 
 def spread(load: List[int]) -> str:
@@ -37,12 +38,7 @@ def report(record: dict, every: bool) -> str:
 
 def plot(record: dict, out: str):
     """Per layer: each expert's share of the tokens (rows) at each validation (columns)."""
-    try:
-        import matplotlib
-    except ImportError:
-        sys.exit("--plot needs matplotlib: pip install matplotlib (or pip install 'fairseq-stablemoe[plots]')")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = record["layers"]
     first = [v for v in record["validations"] if v["subset"] == 0]
@@ -53,9 +49,7 @@ def plot(record: dict, out: str):
         ax.set(title=name, xlabel="validation (update)", ylabel="expert")
         ax.set_xticks(range(len(first)), [str(v["update"]) for v in first], rotation=90, fontsize="x-small")
         fig.colorbar(image, ax=ax, label="% of tokens")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    save_figure(fig, out)
 
 
 def main(argv=None):

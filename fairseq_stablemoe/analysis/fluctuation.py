@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..tasks.routing_probes import load_probes
-from . import quiet_logging
+from . import pyplot, quiet_logging, save_figure
 
 
 def change_rates(experts: torch.Tensor) -> torch.Tensor:
@@ -70,12 +70,7 @@ def report(path: str, record: dict, layers: List[dict], percents: Sequence[float
 
 
 def plot(runs, out: str):
-    try:
-        import matplotlib
-    except ImportError:
-        sys.exit("--plot needs matplotlib: pip install matplotlib (or pip install 'fairseq-stablemoe[plots]')")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (cdf_ax, change_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for label, record in runs:
@@ -94,9 +89,7 @@ def plot(runs, out: str):
     for ax in (cdf_ax, change_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    save_figure(fig, out)
 
 
 def main(argv=None):
