@@ -213,3 +213,12 @@ def run_forked(module, argv, log_path, timeout=180):
     process.start()
     process.join(timeout)
     return process.exitcode, open(log_path).read()
+
+
+def trained_tiny_lm(tmp, stage1=2, max_update=3):
+    """tiny_lm_data in `tmp`, and fairseq-train for a few updates (through the switch) into tmp/ckpt:
+    (data, save_dir)."""
+    data = tiny_lm_data(tmp)
+    save_dir = str(tmp / "ckpt")
+    run_fairseq_train(train_lm_args(data, save_dir, stage1=stage1, max_update=max_update), str(tmp / "train.log"))
+    return data, save_dir

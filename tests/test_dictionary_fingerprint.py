@@ -13,9 +13,7 @@ PLUGIN = ["--user-dir", helpers.PLUGIN, "--cpu"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dictionaries")
-    data = helpers.tiny_lm_data(tmp)
-    save_dir = str(tmp / "ckpt")
-    helpers.run_fairseq_train(helpers.train_lm_args(data, save_dir, stage1=2, max_update=3), str(tmp / "train.log"))
+    data, save_dir = helpers.trained_tiny_lm(tmp)
     # the same words, binarised again with a dictionary in another order
     entries = open(os.path.join(data, "dict.txt")).read().splitlines()
     (tmp / "reordered.txt").write_text("\n".join(entries[::-1]) + "\n")

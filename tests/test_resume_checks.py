@@ -12,9 +12,7 @@ import helpers
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    data = helpers.tiny_lm_data(tmp)
-    save_dir = str(tmp / "ckpt")
-    helpers.run_fairseq_train(helpers.train_lm_args(data, save_dir, stage1=2, max_update=3), str(tmp / "train.log"))
+    data, save_dir = helpers.trained_tiny_lm(tmp)
     return data, save_dir
 
 
