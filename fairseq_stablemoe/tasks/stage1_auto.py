@@ -20,22 +20,25 @@ from ..moe import comm
 logger = logging.getLogger(__name__)
 
 
+SETTLED = "--stage1-updates auto: the routing counts as settled at a probe where"
+HELP = {
+    "route_change": f"{SETTLED} route_change (share of probe tokens whose expert changed since the previous probe) "
+                    f"is below this",
+    "min_gain": f"{SETTLED} the distilled router's agreement with the backbone rose by less than this since the "
+                f"previous probe",
+    "patience": "--stage1-updates auto: probes in a row that must find the routing settled",
+    "max_updates": "--stage1-updates auto: stage 1 ends at this update at the latest (0 = a fifth of --max-update)",
+}
+
+
 @dataclass
 class Stage1AutoConfig(FairseqDataclass):
     """Mix into a task's dataclass config; a task with argparse options (add_args) calls add_stage1_auto_args."""
 
-    stage1_auto_route_change: float = field(
-        default=0.02, metadata={"help": "--stage1-updates auto: the routing counts as settled while route_change "
-                                        "(share of probe tokens whose expert changed since the previous probe) "
-                                        "is below this"})
-    stage1_auto_min_gain: float = field(
-        default=0.005, metadata={"help": "--stage1-updates auto: ... and the distilled router's agreement with the "
-                                         "backbone rose by less than this since the previous probe"})
-    stage1_auto_patience: int = field(
-        default=3, metadata={"help": "--stage1-updates auto: probes in a row that must find the routing settled"})
-    stage1_auto_max_updates: int = field(
-        default=0, metadata={"help": "--stage1-updates auto: stage 1 ends at this update at the latest "
-                                     "(0 = a fifth of --max-update)"})
+    stage1_auto_route_change: float = field(default=0.02, metadata={"help": HELP["route_change"]})
+    stage1_auto_min_gain: float = field(default=0.005, metadata={"help": HELP["min_gain"]})
+    stage1_auto_patience: int = field(default=3, metadata={"help": HELP["patience"]})
+    stage1_auto_max_updates: int = field(default=0, metadata={"help": HELP["max_updates"]})
 
 
 def add_stage1_auto_args(parser):
