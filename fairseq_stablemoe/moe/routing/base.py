@@ -1,5 +1,6 @@
 """The routing contract (RoutingStrategy, with its defaults), what a routing returns, and the token ids it may
 route by."""
+import abc
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
@@ -33,7 +34,7 @@ class Vocabulary:
         return cls(len(dictionary), dictionary.pad(), list(dictionary.count))
 
 
-class RoutingStrategy(nn.Module):
+class RoutingStrategy(nn.Module, abc.ABC):
     """Decides, for n hidden states, each one's expert and gate. Everything the MoE layer, the models, the task
     and the criteria may ask of a routing is declared here, with the default of a plain learned routing."""
 
@@ -51,15 +52,17 @@ class RoutingStrategy(nn.Module):
         return cfg.moe_experts, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_sublayers
 
     @classmethod
+    @abc.abstractmethod
     def build(cls, cfg, dim: int, vocab: Vocabulary) -> "RoutingStrategy":
-        raise NotImplementedError
+        """The routing --moe-routing names, from the model's config, its width and its vocabulary."""
 
+    @abc.abstractmethod
     def forward(self, h: torch.Tensor, tokens: "TokenView") -> Routing:
-        raise NotImplementedError
+        """Each of h's rows' expert and gate (and the losses and statistics of this forward)."""
 
+    @abc.abstractmethod
     def decide(self, h: torch.Tensor, tokens: "TokenView") -> torch.Tensor:
         """The expert each of h's rows would train with now, with no side effect (routing probes)."""
-        raise NotImplementedError
 
     @property
     def in_stage2(self) -> bool:
