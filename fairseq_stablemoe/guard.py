@@ -73,6 +73,19 @@ def check_model_config(cfg, task=None) -> None:
         check_fingerprints(task, _get(cfg, "dictionary_fingerprints"))
 
 
+def task_option(task, name, default=None):
+    """A training option as our tasks see it: in the task's dataclass config (which interpolates fairseq's
+    top-level options) or, for fairseq's argparse tasks, in its args."""
+    for cfg in (getattr(task, "cfg", None), getattr(task, "args", None)):
+        try:
+            value = getattr(cfg, name, None) if cfg is not None else None
+        except Exception:  # an interpolation a config loaded from a checkpoint cannot resolve
+            value = None
+        if value is not None:
+            return value
+    return default
+
+
 class GuardedTask:
     """Mix into our tasks, first among their bases."""
 
@@ -80,16 +93,6 @@ class GuardedTask:
     def setup_task(cls, cfg, **kwargs):
         refuse_evaluated_code(cfg, "task")
         return super().setup_task(cfg, **kwargs)
-
-    def _option(self, name, default=None):
-        for cfg in (getattr(self, "cfg", None), getattr(self, "args", None)):
-            try:
-                value = getattr(cfg, name, None) if cfg is not None else None
-            except Exception:  # an interpolation a config loaded from a checkpoint cannot resolve
-                value = None
-            if value is not None:
-                return value
-        return default
 
     def build_model(self, cfg, from_checkpoint=False):
         check_model_config(cfg)
@@ -111,7 +114,9 @@ def warn_unusable_experts(cfg, vocab: int) -> None:
 
 
 def check_precision(task) -> None:
-    opt = task._option
+    def opt(name, default=None):
+        return task_option(task, name, default)
+
     if opt("tpu", False):
         try:
             import torch_xla  # noqa: F401
@@ -131,19 +136,26 @@ def check_precision(task) -> None:
                          f"add --ddp-backend legacy_ddp")
 
 
+def resume_path(task) -> Optional[str]:
+    """The checkpoint fairseq-train resumes from (--restore-file, or SAVE_DIR/checkpoint_last.pt), if it exists."""
+    save_dir, restore = task_option(task, "save_dir"), task_option(task, "restore_file", "checkpoint_last.pt")
+    if save_dir is None:
+        return None
+    path = restore if restore != "checkpoint_last.pt" else os.path.join(save_dir, restore)
+    return path if os.path.isfile(path) else None
+
+
 def checkpoint_to_load(task) -> Tuple[Optional[str], str]:
     """The checkpoint fairseq-train will load (after repairing truncated copies), and 'resume' or 'finetune'."""
-    save_dir, restore = task._option("save_dir"), task._option("restore_file", "checkpoint_last.pt")
+    save_dir = task_option(task, "save_dir")
     if save_dir is None:
         return None, ""
     if comm.rank() == 0:
-        path = prepare_resume(save_dir, restore)
-    else:
-        path = restore if restore != "checkpoint_last.pt" else os.path.join(save_dir, restore)
-        path = path if os.path.isfile(path) else None
+        prepare_resume(save_dir, task_option(task, "restore_file", "checkpoint_last.pt"))
+    path = resume_path(task)
     if path is not None:
         return path, "resume"
-    finetune = task._option("finetune_from_model")
+    finetune = task_option(task, "finetune_from_model")
     if finetune:
         if os.path.exists(finetune):
             check_checkpoint(finetune, "--finetune-from-model")
@@ -161,7 +173,7 @@ def read_checkpoint(path: str) -> dict:
 def guard_training(task, cfg) -> None:
     check_precision(task)
     if comm.rank() == 0:  # it alone writes checkpoints, also under expert parallelism
-        lock_save_dir(task._option("save_dir"))
+        lock_save_dir(task_option(task, "save_dir"))
     path, kind = checkpoint_to_load(task)
     if path is None or not os.path.isfile(path):
         return
@@ -178,7 +190,7 @@ def guard_training(task, cfg) -> None:
 def refuse_finished_run(task, state: dict, path: str) -> None:
     """fairseq trains one more update on a finished run (and rewrites checkpoint_last.pt): change nothing."""
     history = state.get("optimizer_history") or [{}]
-    done, max_update = int(history[-1].get("num_updates", 0)), int(task._option("max_update", 0))
+    done, max_update = int(history[-1].get("num_updates", 0)), int(task_option(task, "max_update", 0))
     if max_update > 0 and done >= max_update:
         logger.info(f"{path} holds update {done} and --max-update is {max_update}: this run is finished, nothing "
                     f"to train; raise --max-update to continue it, or give a new run another --save-dir")
@@ -204,7 +216,7 @@ def check_world_size(task, saved, path: str) -> None:
     """A checkpoint of W expert-sharded processes holds rank 0's optimizer state: N/W experts' worth."""
     saved_world = int(_get(_get(saved, "distributed_training"), "distributed_world_size", 1))
     world = comm.world_size()
-    if saved_world == world or task._option("reset_optimizer", False):
+    if saved_world == world or task_option(task, "reset_optimizer", False):
         return
     if _sharded(_get(saved, "model"), saved_world) or _sharded(_get(saved, "model"), world):
         raise ValueError(

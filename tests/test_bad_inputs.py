@@ -87,14 +87,13 @@ def test_flattened_fp16_on_cpu_is_refused(data):
 def test_cpu_processes_need_legacy_ddp(monkeypatch):
     from fairseq_stablemoe import guard
 
-    options = {"cpu": True, "ddp_backend": "pytorch_ddp"}
-    task = SimpleNamespace(_option=lambda name, default=None: options.get(name, default))
+    task = SimpleNamespace(cfg=SimpleNamespace(cpu=True, ddp_backend="pytorch_ddp"))  # the task's options
     monkeypatch.setattr(guard.comm, "world_size", lambda: 2)
     with pytest.raises(ValueError) as err:
         guard.check_precision(task)
     assert str(err.value) == ("--ddp-backend pytorch_ddp with 2 CPU processes ends in torch's device_ids error: add "
                               "--ddp-backend legacy_ddp")
-    options["ddp_backend"] = "legacy_ddp"
+    task.cfg.ddp_backend = "legacy_ddp"
     guard.check_precision(task)
 
 

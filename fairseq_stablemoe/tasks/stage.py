@@ -4,7 +4,7 @@ import logging
 
 from fairseq import metrics, utils
 
-from ..checkpoints import prepare_resume
+from ..guard import resume_path, task_option
 from ..reshard_checkpoint import warn_per_expert_optimizer_state
 from ..criterions.moe_aux import MoEAuxLossMixin
 from ..moe import comm, moe_layers, parameter_counts
@@ -112,13 +112,6 @@ class StageSwitchingTask:
     _validating = False
     _validations = (None, 0)  # (update, validation subsets done at that update)
 
-    def _training_option(self, name, default=None):
-        for cfg in (getattr(self, "cfg", None), getattr(self, "args", None)):
-            value = getattr(cfg, name, None) if cfg is not None else None
-            if value is not None:
-                return value
-        return default
-
     def build_model(self, cfg, from_checkpoint=False):  # fairseq looks for `from_checkpoint` by name
         model = super().build_model(cfg, from_checkpoint)
         model.stage_switching_task = True
@@ -137,18 +130,16 @@ class StageSwitchingTask:
         return model
 
     def prepare_training(self, model):
-        warn_stage_schedule(model, int(self._training_option("max_update", 0)))
+        max_update = int(task_option(self, "max_update", 0))
+        warn_stage_schedule(model, max_update)
         if any(routing.stage1_updates is None for routing in staged_routings(model)):
             if not self.routing_probes:
                 raise ValueError("--stage1-updates auto decides from the routing probes: add "
                                  "--routing-probe-interval K (e.g. K = 1% of --max-update)")
-            self._stage1_auto = Stage1Auto.from_task_config(self._task_config(),
-                                                            int(self._training_option("max_update", 0)))
-        save_dir = self._training_option("save_dir")
-        if save_dir is not None and comm.rank() == 0:
-            path = prepare_resume(save_dir, self._training_option("restore_file", "checkpoint_last.pt"))
-            if path is not None:
-                warn_per_expert_optimizer_state(path, model)
+            self._stage1_auto = Stage1Auto.from_task_config(self._task_config(), max_update)
+        path = resume_path(self)  # GuardedTask (first among our tasks' bases) has repaired it already
+        if path is not None and comm.rank() == 0:
+            warn_per_expert_optimizer_state(path, model)
 
     def build_criterion(self, cfg, *args, **kwargs):
         criterion = super().build_criterion(cfg, *args, **kwargs)
@@ -209,7 +200,7 @@ class StageSwitchingTask:
 
     def post_validate(self, model, stats, agg):
         """fairseq-train calls this after each validation subset: write each expert's load per MoE layer."""
-        save_dir = self._training_option("save_dir")
+        save_dir = task_option(self, "save_dir")
         if "_moe_expert_load" not in agg or save_dir is None or comm.rank() != 0:
             return
         update = int(stats["num_updates"])
