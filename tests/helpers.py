@@ -222,3 +222,31 @@ def trained_tiny_lm(tmp, stage1=2, max_update=3):
     save_dir = str(tmp / "ckpt")
     run_fairseq_train(train_lm_args(data, save_dir, stage1=stage1, max_update=max_update), str(tmp / "train.log"))
     return data, save_dir
+
+
+DISTRIBUTED = ["--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+
+
+def launch(module, args, world, log_prefix):
+    """Start `world` processes of a fairseq CLI (the manual gloo launch); returns (process, log path)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    port, started = free_port(), []
+    for rank in range(world):
+        extra = [] if world == 1 else DISTRIBUTED + [
+            "--distributed-world-size", str(world), "--distributed-rank", str(rank),
+            "--distributed-init-method", f"tcp://127.0.0.1:{port}"]
+        log = f"{log_prefix}-rank{rank}.log"
+        with open(log, "w") as out:
+            started.append((subprocess.Popen([sys.executable, "-m", module] + args + extra, stdout=out,
+                                             stderr=subprocess.STDOUT, env=env), log))
+    return started
+
+
+def wait(started):
+    logs = []
+    for process, log in started:
+        rc = process.wait(timeout=600)
+        text = open(log).read()
+        assert rc == 0, f"{log} exited with {rc}:\n{text[-4000:]}"
+        logs.append(text)
+    return logs

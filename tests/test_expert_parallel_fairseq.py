@@ -6,18 +6,15 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import PLUGIN, ROOT, free_port, train_lm_args
+from helpers import PLUGIN, launch, train_lm_args, wait
 
 from fairseq_stablemoe.reshard_checkpoint import main as reshard_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-DISTRIBUTED = ["--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
 BATCHES = ["--batch-size", "4", "--required-batch-size-multiple", "1"]  # exactly 4 blocks of 32 tokens
 EVAL = ["--user-dir", PLUGIN, "--cpu", "--tokens-per-sample", "32", "--num-workers", "0"] + BATCHES
 
@@ -48,31 +45,6 @@ def preprocess(directory):
         "--workers", "1"])
     fairseq_preprocess.main(args)
     return os.path.join(directory, "bin")
-
-
-def launch(module, args, world, log_prefix):
-    """Start `world` processes of a fairseq CLI (the manual gloo launch); returns (process, log path)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    port, started = free_port(), []
-    for rank in range(world):
-        extra = [] if world == 1 else DISTRIBUTED + [
-            "--distributed-world-size", str(world), "--distributed-rank", str(rank),
-            "--distributed-init-method", f"tcp://127.0.0.1:{port}"]
-        log = f"{log_prefix}-rank{rank}.log"
-        with open(log, "w") as out:
-            started.append((subprocess.Popen([sys.executable, "-m", module] + args + extra, stdout=out,
-                                             stderr=subprocess.STDOUT, env=env), log))
-    return started
-
-
-def wait(started):
-    logs = []
-    for process, log in started:
-        rc = process.wait(timeout=600)
-        text = open(log).read()
-        assert rc == 0, f"{log} exited with {rc}:\n{text[-4000:]}"
-        logs.append(text)
-    return logs
 
 
 def word_logprobs(messages):

@@ -1,7 +1,9 @@
 """--stage1-updates auto: stage 1 ends when the routing probes find the routing settled, or at the upper bound."""
 import os
+import re
 
 import pytest
+import torch
 
 from fairseq_stablemoe.tasks.stage1_auto import Stage1Auto
 
@@ -78,3 +80,29 @@ def test_bad_auto_settings_are_refused_by_name():
     assert str(error.value) == ("--stage1-updates auto needs --stage1-auto-max-updates >= 1 (or --max-update, of "
                                 "which it takes a fifth), --stage1-auto-patience >= 1 and --stage1-auto-route-change "
                                 "in [0, 1] (got 0, --max-update 20, 0, 0.02)")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_switch_together_on_rank_0s_probes(data, tmp_path):
+    """Only rank 0 probes; its decision must reach rank 1 at the same update (else the ranks train different
+    objectives, and rank 1 would go on adding its distillation and balance losses to the all-reduced logs)."""
+    save_dir = str(tmp_path / "ckpt")
+    args = [str(a) for a in helpers.train_lm_args(
+        data, save_dir, "--routing-probe-interval", "2", "--stage1-auto-route-change", "1",
+        "--stage1-auto-min-gain", "1", "--stage1-auto-patience", "2", "--stage1-auto-max-updates", "100",
+        stage1="auto", max_update=12)]
+    log0, _ = helpers.wait(helpers.launch("fairseq_cli.train", args, 2, str(tmp_path / "train")))
+    assert "StableMoE: update 6: 1 MoE layer(s) enter stage 2" in log0
+    assert "(--stage1-updates auto: the routing settled: route_change" in log0
+    updates = re.findall(r"\| train_inner \| .*? num_updates=(\d+)", log0)
+    assert updates == [str(n) for n in range(1, 13)]
+    for line in re.findall(r"\| train_inner \| .*", log0):  # the losses summed over both ranks' logging outputs
+        stage2 = int(re.search(r"num_updates=(\d+)", line).group(1)) > 6
+        distill, balance = (float(re.search(fr"{name}=([\d.e-]+)", line).group(1)) for name in ("distill_loss",
+                                                                                                "balance_loss"))
+        assert (distill == balance == 0) if stage2 else (distill > 0 and balance > 0), line
+        assert f"stage={2 if stage2 else 1}," in line
+    state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"), weights_only=False)["model"]
+    [start] = [value for key, value in state.items() if key.endswith("routing.stage2_start")]
+    assert int(start) == 6

@@ -142,9 +142,10 @@ class MoEAuxLossMixin:
                 metrics.log_scalar(name, total(key) / forwards, forwards, round=3)
         staged = total("moe_staged")
         if staged > 0:
-            # the latest stage, not its average over the interval or epoch (which read 1.5 across the switch)
+            # the latest update's stage, not its average over the interval or epoch (which read 1.5 across the
+            # switch); its floor, so that one rank or micro-batch still in stage 1 shows as stage 1
             metrics.log_scalar("_stage", total("moe_stage") / staged, staged)
-            metrics.log_derived("stage", lambda meters: round(meters["_stage"].val))
+            metrics.log_derived("stage", lambda meters: int(meters["_stage"].val))
         layer = 0
         while f"moe{layer}_forwards" in logging_outputs[0]:
             log_layer_metrics(f"moe{layer}", total, logging_outputs[0].__contains__)
