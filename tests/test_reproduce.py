@@ -1,5 +1,6 @@
 """examples/reproduce: the paper-scale configs say what Tables 7 and 8 say, and the --quick entry points run."""
 import os
+import re
 import subprocess
 import sys
 
@@ -110,6 +111,29 @@ def test_quick_translation_table(tmp_path):
     rows = table_rows(tmp_path / "out" / "quick" / "table3.md")
     assert [row.split("|")[1].strip() for row in rows] == [
         "Standard Transformer", "Larger Transformer", "Switch Transformer", "BASE Layer", "Hash Layer", "StableMoE"]
+
+
+@pytest.mark.slow
+def test_long_translation_report_on_a_tiny_scale(tmp_path):
+    """table3.py --long's path (X→En only, a checkpoint scored every interval, the report) with LONG shrunk."""
+    data = tmp_path / "mt"
+    write_parallel_corpus(str(data), sizes=(("train", 200), ("valid", 10), ("test", 10)))
+    driver = (f"import sys; sys.path.insert(0, {REPRODUCE!r}); from dataclasses import replace; import table3; "
+              f"table3.LONG = replace(table3.QUICK, x2en_only=True, curve_interval=5, curve_langs=('xx',)); "
+              f"sys.argv = ['table3.py', '--long', '--data', {str(data)!r}, '--out', {str(tmp_path / 'out')!r}]; "
+              f"table3.main()")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = open(tmp_path / "out" / "long" / "table3.md").read()
+    assert [row.split("|")[1].strip() for row in table_rows(tmp_path / "out" / "long" / "table3.md")][:2] == [
+        "Standard Transformer", "StableMoE"]
+    assert "sacreBLEU signature: `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in report
+    curve = [line for line in report.splitlines() if line.startswith("| StableMoE | 5 |")
+             or line.startswith("| StableMoE | 10 |")]
+    assert len(curve) == 2  # updates 5 and 10 of 10, each with its validation ppl
+    # the router's agreement in the last logged update of stage 1 (= update 1 of 10), the frozen routing's load
+    assert re.search(r"^\| StableMoE \| [\d.]+ % \(update 1\) \| [\d.]+ \| [\d.]+ \|$", report, re.M), report
 
 
 def test_missing_data_names_the_flag(tmp_path):

@@ -11,7 +11,7 @@ import re
 import time
 from pathlib import Path
 
-import sacrebleu
+from sacrebleu.metrics import BLEU
 from fairseq import options
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq_cli import generate
@@ -53,7 +53,7 @@ def main():
 
     langs = args.langs.split(",") if args.langs else (args.prep / "langs.txt").read_text().split()[:-1]
     args.out.mkdir(parents=True, exist_ok=True)
-    table = []
+    table, bleu = [], BLEU()  # sacrebleu.corpus_bleu's defaults; its signature names them
     for direction in args.directions.split(","):
         scores = {}
         for lang in langs:
@@ -63,7 +63,7 @@ def main():
             refs = (args.prep / "raw" / f"{lang}-en" / f"test.{tgt}").read_text(encoding="utf-8").split("\n")[:-1]
             if len(hyps) != len(refs):
                 raise SystemExit(f"{src}->{tgt}: {len(hyps)} hypotheses for {len(refs)} references")
-            scores[lang] = sacrebleu.corpus_bleu([hyps[i] for i in range(len(refs))], [refs]).score
+            scores[lang] = bleu.corpus_score([hyps[i] for i in range(len(refs))], [refs]).score
             print(f"{args.name} {src}->{tgt}: BLEU {scores[lang]:.2f} ({len(refs)} sentences, "
                   f"{time.time() - start:.0f} s)", flush=True)
         label = "X→En" if direction == "x2en" else "En→X"
@@ -75,6 +75,7 @@ def main():
                   "|---" * (len(scores) + 2) + "|",
                   f"| {args.name} | " + " | ".join(f"{s:.2f}" for s in scores.values())
                   + f" | {sum(scores.values()) / len(scores):.2f} |", ""]
+    lines.append(f"sacreBLEU signature: `{bleu.get_signature()}`")
     (args.out / "bleu.md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 

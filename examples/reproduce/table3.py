@@ -123,7 +123,8 @@ def train_and_score(name, flags, args, scale, prep, folder, threads):
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", 0.1, "--lr", 2e-3,
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", max(1, scale.updates // 8),
         "--max-tokens", scale.max_tokens, "--max-update", scale.updates,
-        *stage1, "--seed", 1, "--save-dir", folder, "--no-epoch-checkpoints", *saving, "--cpu", "--num-workers", 0, "--log-format", "simple", "--log-interval", 50],
+        *stage1, "--seed", 1, "--save-dir", folder, "--no-epoch-checkpoints", *saving, "--cpu", "--num-workers", 0, "--log-format", "simple",
+        "--log-interval", max(1, min(50, scale.updates // 10))],
         os.path.join(folder, "train.log"), threads)
     seconds = time.time() - start
     valid_ppl = float(re.findall(r"\| valid on 'valid' subset .*?\| ppl ([0-9.]+)", log)[-1])
@@ -159,6 +160,10 @@ def bleu_curve(name, scale, prep, folder, log, threads) -> list:
     return points
 
 
+def run_folder(out, name) -> str:
+    return os.path.join(out, "runs", "mt-" + slug(name))
+
+
 def main():
     args = parser(__doc__, os.path.join(SHARED, "mt")).parse_args()
     scale, out = (QUICK if args.quick else LONG if args.long else FULL), out_dir(args)
@@ -171,7 +176,7 @@ def main():
     threads = threads_per_job(args.jobs)
 
     def task(name, flags):
-        folder = os.path.join(out, "runs", "mt-" + slug(name))
+        folder = run_folder(out, name)
         os.makedirs(folder, exist_ok=True)
         return lambda: cached(os.path.join(folder, "result.json"),
                               lambda: train_and_score(name, flags, args, scale, prep, folder, threads))
@@ -189,15 +194,14 @@ def main():
     table = markdown_table(["Model", *scale.langs, "Avg", f"valid ppl ({directions})"], body)
     text = f"# Table 3 at CPU scale: X→En test BLEU (seed 1)\n\n{scale.describe()}.\n\n{table}\n"
     if scale.curve_interval:
-        text += long_report(results, scale)
+        text += long_report(results, scale, out)
     write_report(f"{out}/table3.md", text)
 
 
-def long_report(results, scale) -> str:
-    import sacrebleu
-
-    bleu = sacrebleu.metrics.BLEU()  # evaluate.py's sacrebleu.corpus_bleu defaults
-    bleu.corpus_score(["a"], [["a"]])  # the signature names nrefs once a corpus was scored
+def long_report(results, scale, out) -> str:
+    folders = [run_folder(out, r["name"]) for r in results]
+    signatures = {re.search(r"sacreBLEU signature: `(.+)`", open(os.path.join(f, "eval", "bleu.md")).read()).group(1)
+                  for f in folders}
     seconds = markdown_table(["Model", "fairseq-train wall seconds (one thread, shared machine)"],
                              [[r["name"], f"{r['train_seconds']:.0f}"] for r in results])
     curve = markdown_table(
@@ -205,9 +209,34 @@ def long_report(results, scale) -> str:
         [[r["name"], p["update"], f"{p['valid_ppl']:.2f}" if p["valid_ppl"] else "–",
           *(f"{p['bleu'].get(lang, float('nan')):.2f}" for lang in scale.curve_langs)]
          for r in results for p in r["curve"]])
-    return (f"\nsacreBLEU signature: `{bleu.get_signature()}`\n\n{seconds}\n\nLearning curve (X→En test BLEU "
-            f"of {', '.join(scale.curve_langs)} with greedy search at every {scale.curve_interval} updates):\n\n"
+    routing = [[r["name"], *routing_in_training(os.path.join(f, "train.log"))]
+               for r, f in zip(results, folders) if "stage=1" in open(os.path.join(f, "train.log")).read()]
+    text = (f"\nsacreBLEU signature: `{' / '.join(sorted(signatures))}`\n\n{seconds}\n\nLearning curve (X→En test "
+            f"BLEU of {', '.join(scale.curve_langs)} with greedy search at every {scale.curve_interval} updates):\n\n"
             f"{curve}\n")
+    if routing:
+        text += "\nStableMoE's routing in training (the train log's intervals; both MoE layers averaged):\n\n" + \
+            markdown_table(["Model", "distilled router agrees with the backbone, last interval of stage 1",
+                            "load max/mean, stage 2 (frozen routing), mean over intervals",
+                            "unused experts, stage 2"], routing) + "\n"
+    return text
+
+
+def routing_in_training(log_path: str) -> list:
+    """From a --log-format simple train log: the distilled router's agreement in the last interval wholly in
+    stage 1 (and its update), and the frozen routing's load max/mean and unused experts over stage 2."""
+    stage1, loads, unused = None, [], []
+    for line in open(log_path):
+        if "| train_inner |" not in line:
+            continue
+        stats = dict(re.findall(r"(\w+)=([-\d.e]+)", line))
+        if stats.get("stage") == "1" and "distill_acc" in stats:
+            stage1 = (int(stats["num_updates"]), float(stats["distill_acc"]))
+        elif stats.get("stage") == "2":
+            loads.append(float(stats["load_max_mean"]))
+            unused.append(float(stats["unused_experts"]))
+    return [f"{100 * stage1[1]:.1f} % (update {stage1[0]})" if stage1 else "–",
+            f"{sum(loads) / len(loads):.2f}" if loads else "–", f"{sum(unused) / len(unused):.2f}" if unused else "–"]
 
 
 if __name__ == "__main__":
