@@ -123,8 +123,8 @@ def train_and_score(name, flags, args, scale, prep, folder, threads):
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", 0.1, "--lr", 2e-3,
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", max(1, scale.updates // 8),
         "--max-tokens", scale.max_tokens, "--max-update", scale.updates,
-        *stage1, "--seed", 1, "--save-dir", folder, "--no-epoch-checkpoints", *saving, "--cpu", "--num-workers", 0, "--log-format", "simple",
-        "--log-interval", max(1, min(50, scale.updates // 10))],
+        *stage1, "--seed", 1, "--save-dir", folder, "--no-epoch-checkpoints", *saving, "--cpu", "--num-workers", 0,
+        "--log-format", "simple", "--log-interval", max(1, min(50, scale.updates // 10))],
         os.path.join(folder, "train.log"), threads)
     seconds = time.time() - start
     valid_ppl = float(re.findall(r"\| valid on 'valid' subset .*?\| ppl ([0-9.]+)", log)[-1])
