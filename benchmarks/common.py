@@ -53,6 +53,22 @@ def build_dense(dim, ffn_dim, sublayers):
     return build_expert(dim, ffn_dim, sublayers).train()
 
 
+class ModuleExperts(nn.Module):
+    """Benchmark-only reference: the experts as the plugin kept them before main 26fcf9f stacked them, one
+    module (fairseq's LayerNorm and nn.Linear, autograd's backward) per expert, with the same weights as `bank`."""
+
+    def __init__(self, bank):
+        super().__init__()
+        self.experts = nn.ModuleList(build_expert(bank.dim, bank.ffn_dim, bank.sublayers) for _ in bank.global_ids)
+        state = {f"{j}.{key.split('.', 1)[1]}": value for key, value in bank.expert_state().items()
+                 for j in [bank.global_ids.index(int(key.split(".")[0]))]}
+        self.experts.load_state_dict(state)
+
+    def forward(self, x_sorted, counts):
+        outputs = [expert(chunk) if chunk.size(0) else chunk for expert, chunk in zip(self.experts, x_sorted.split(counts))]
+        return torch.cat(outputs)
+
+
 def target_experts(tokens, experts, skewed, generator):
     """Each token's expert: balanced (uniform, equal loads) or skewed (half the tokens to expert 0)."""
     target = torch.arange(tokens) % experts

@@ -22,8 +22,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (build_dense, build_layer, common_args, forced_inputs, print_table_header,  # noqa: E402
-                               split_by_expert)
+from benchmarks.common import (ModuleExperts, build_dense, build_layer, common_args, forced_inputs,  # noqa: E402
+                               print_table_header, split_by_expert)
 
 
 class Timer:
@@ -70,10 +70,14 @@ class Floor(torch.nn.Module):
         return self.experts(x_sorted, self.counts)
 
 
-def with_impl(experts, impl, fn):
-    """The variant runs its experts through `impl` ("grouped" or "loop"): the stages share one Experts."""
+def with_impl(owner, experts, impl, fn, reference=None):
+    """The variant runs its experts through `impl`: "grouped" or "loop" (the stages share one Experts), or
+    "modules", the benchmark's `reference` of one module per expert in its place (with the same weights)."""
     def run():
-        experts.impl = impl
+        if impl == "modules":
+            owner.experts = reference
+        else:
+            owner.experts, experts.impl = experts, impl
         fn()
     return run
 
@@ -86,14 +90,17 @@ def build_variants(experts, dim, ffn_dim, sublayers, stages, device, dtype):
         layer = build_layer(experts, dim, ffn_dim, sublayers, stage).to(device=device, dtype=dtype)
         shared = layer.experts = shared or layer.experts  # both stages run the same experts
         layers[stage] = layer
-    return layers, build_dense(dim, ffn_dim, sublayers).to(device=device, dtype=dtype)
+    return layers, build_dense(dim, ffn_dim, sublayers).to(device=device, dtype=dtype), {}
 
 
 def case_steps(variants, experts, tokens, skewed, impls, device, dtype):
     """name -> zero-argument callable running that variant's step; names: dense, and stage1/stage2/floor
     followed by the experts' implementation (stage1-grouped, floor-loop, ...)."""
-    layers, dense = variants
+    layers, dense, built = variants
     shared = next(iter(layers.values())).experts
+    if "modules" in impls and "reference" not in built:
+        built["reference"] = ModuleExperts(shared).to(device=device, dtype=dtype)
+    reference = built.get("reference")
     dim = shared.dim
     x, ids, target = forced_inputs(tokens, experts, dim, skewed, dtype=dtype, device=device)
     grad = torch.randn_like(x)
@@ -104,13 +111,14 @@ def case_steps(variants, experts, tokens, skewed, impls, device, dtype):
         assert torch.equal(routed, target), "forced routing did not take"
         layer_step = _bind(step, _LayerCall(layer, ids), [layer_x], [grad])
         for impl in impls:
-            steps[f"stage{stage}-{impl}"] = with_impl(shared, impl, layer_step)
+            steps[f"stage{stage}-{impl}"] = with_impl(layer, shared, impl, layer_step, reference)
     chunks = split_by_expert(x, target, experts)
     floor_x = torch.cat(chunks).requires_grad_()
     floor_grad = torch.cat(split_by_expert(grad, target, experts))
     floor = Floor(shared, [c.size(0) for c in chunks])
     for impl in impls:
-        steps[f"floor-{impl}"] = with_impl(shared, impl, _bind(step, floor, [floor_x], [floor_grad]))
+        steps[f"floor-{impl}"] = with_impl(floor, shared, impl, _bind(step, floor, [floor_x], [floor_grad]),
+                                             reference)
     steps["dense"] = _bind(step, dense, [x.clone().requires_grad_()], [grad])
     return steps
 
@@ -174,9 +182,10 @@ def main():
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="on CPU: process CPU time or wall time")
     p.add_argument("--quick", action="store_true",
                    help="the acceptance sizes only: N 8/32, 8k tokens, d 512 (plus N 32 at 32k with --tokens)")
-    p.add_argument("--experts-impl", nargs="+", choices=["grouped", "loop"],
-                   help="the experts' implementations to time (default: grouped, where torch._grouped_mm runs "
-                        "for this device and dtype, and loop)")
+    p.add_argument("--experts-impl", nargs="+", choices=["grouped", "loop", "modules"],
+                   help="the experts' implementations to time (default: grouped, where a grouped GEMM runs "
+                        "for this device and dtype, and loop); modules: the reference of one module per expert "
+                        "(the layout before main 26fcf9f), same weights")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="default: bfloat16 on a GPU, float32 on CPU")
     args = p.parse_args()

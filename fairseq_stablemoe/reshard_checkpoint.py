@@ -83,32 +83,6 @@ def reshard_optimizer_state(optim_state: Dict, saved_names: List[str], new_names
     return {**optim_state, "state": state, "param_groups": [{**groups[0], "params": list(range(len(new_names)))}]}
 
 
-def warn_per_expert_optimizer_state(path: str, model) -> bool:
-    """Before fairseq resumes from `path`: a checkpoint written before the experts' weights were stacked keeps one
-    optimizer entry per expert parameter, which torch's optimizer refuses with a bare size mismatch. Say what to
-    do; True if so."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, ValueError):  # not a zip checkpoint: fairseq will report on it
-        return False
-    optim, cfg = state.get("last_optimizer_state"), state.get("cfg")
-    if not optim or len(optim.get("param_groups", [])) != 1 or cfg is None:
-        return False
-    cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
-    world = cfg.distributed_training.distributed_world_size
-    saved = len(optim["param_groups"][0]["params"])
-    legacy = legacy_parameter_names(model, cfg.model, world)
-    if saved != len(legacy) or saved == len(rank0_parameter_names(model, cfg.model, world)):
-        return False
-    logger.error(
-        f"{path} was written before the experts' weights were stacked: its optimizer state has one entry per "
-        f"expert, which fairseq cannot load into this version ('loaded state dict contains a parameter group that "
-        f"doesn't match the size of optimizer's group'). Convert it once: python -m "
-        f"fairseq_stablemoe.reshard_checkpoint {path} NEW_DIR/checkpoint_last.pt --world-size {world} (the experts' "
-        f"optimizer state starts afresh), or resume with --reset-optimizer. Its model weights load as they are.")
-    return True
-
-
 def reshard(path: str, out: str, world_size: int, data: str = None):
     state = load_checked(path, flag="checkpoint")
     cfg = state["cfg"] if OmegaConf.is_config(state["cfg"]) else OmegaConf.create(state["cfg"])

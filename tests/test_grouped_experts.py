@@ -181,29 +181,21 @@ def test_reshard_knows_the_per_expert_parameter_names_of_old_optimizer_states():
     assert not any(is_expert_parameter(n) for n, _ in layer.moe.routing.named_parameters(prefix="moe.routing"))
 
 
-def test_an_optimizer_state_with_one_entry_per_expert_is_explained_and_resharded(tmp_path, caplog):
-    """A checkpoint from before the stacking: its model loads as it is; its optimizer state (one entry per expert
-    parameter) gets a message with the fix, and reshard_checkpoint keeps the shared parameters' state."""
-    from omegaconf import OmegaConf
-
+def test_reshard_keeps_the_shared_parameters_state_of_a_per_expert_optimizer_state(tmp_path, caplog):
+    """A checkpoint from before the stacking, resharded: its optimizer state (one entry per expert parameter) keeps
+    the shared parameters' state and drops the experts' (resuming converts it instead: test_expert_bank.py)."""
     import helpers
-    from fairseq_stablemoe.reshard_checkpoint import (rank0_parameter_names, reshard_optimizer_state,
-                                                      warn_per_expert_optimizer_state)
+    from fairseq_stablemoe.reshard_checkpoint import rank0_parameter_names, reshard_optimizer_state
 
     cfg, _, model, _ = helpers.build_for_training(helpers.tiny_lm_data(tmp_path))
     legacy = legacy_parameter_names(model, cfg.model, 1)
     shapes = dict(model.named_parameters())
     moments = {i: {"exp_avg": torch.full(shapes[n].shape if n in shapes else (1,), float(i))}
                for i, n in enumerate(legacy)}
-    old = {"cfg": OmegaConf.to_container(cfg), "model": model.state_dict(),
-           "last_optimizer_state": {"state": moments, "param_groups": [{"params": list(range(len(legacy)))}]}}
-    torch.save(old, tmp_path / "old.pt")
-    assert warn_per_expert_optimizer_state(str(tmp_path / "old.pt"), model)
-    assert "reshard_checkpoint" in caplog.text and "--reset-optimizer" in caplog.text
-
+    old = {"state": moments, "param_groups": [{"params": list(range(len(legacy)))}]}
     new_names = rank0_parameter_names(model, cfg.model, 1)
     with caplog.at_level("WARNING"):
-        resharded = reshard_optimizer_state(old["last_optimizer_state"], legacy, new_names)
+        resharded = reshard_optimizer_state(old, legacy, new_names)
     experts_per_layer = 4 * 1 * 6  # experts x sublayers x tensors
     assert f"dropped the optimizer state of {experts_per_layer} expert parameters" in caplog.text
     for index, name in enumerate(new_names):
@@ -211,7 +203,3 @@ def test_an_optimizer_state_with_one_entry_per_expert_is_explained_and_resharded
             assert index not in resharded["state"]
         else:
             assert torch.equal(resharded["state"][index]["exp_avg"], moments[legacy.index(name)]["exp_avg"])
-    state = dict(old, last_optimizer_state=resharded)
-    torch.save(state, tmp_path / "new.pt")
-    caplog.clear()
-    assert not warn_per_expert_optimizer_state(str(tmp_path / "new.pt"), model)

@@ -5,7 +5,7 @@ import logging
 from fairseq import metrics, utils
 
 from ..guard import resume_path, task_option
-from ..reshard_checkpoint import warn_per_expert_optimizer_state
+from ..legacy_optimizer_state import convert_when_loaded
 from ..criterions.moe_aux import MoEAuxLossMixin
 from ..moe import comm, moe_layers, parameter_counts
 from ..moe.expert_parallel import (
@@ -139,7 +139,7 @@ class StageSwitchingTask:
             self._stage1_auto = Stage1Auto.from_task_config(self._task_config(), max_update)
         path = resume_path(self)  # GuardedTask (first among our tasks' bases) has repaired it already
         if path is not None and comm.rank() == 0:
-            warn_per_expert_optimizer_state(path, model)
+            convert_when_loaded(path, model)
 
     def build_criterion(self, cfg, *args, **kwargs):
         criterion = super().build_criterion(cfg, *args, **kwargs)
