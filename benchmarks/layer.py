@@ -97,7 +97,7 @@ def case_steps(variants, experts, tokens, skewed, impls, device, dtype):
     """name -> zero-argument callable running that variant's step; names: dense, and stage1/stage2/floor
     followed by the experts' implementation (stage1-grouped, floor-loop, ...)."""
     layers, dense, built = variants
-    shared = next(iter(layers.values())).experts
+    shared = built.setdefault("bank", next(iter(layers.values())).experts)  # a "modules" step swaps the layer's
     if "modules" in impls and "reference" not in built:
         built["reference"] = ModuleExperts(shared).to(device=device, dtype=dtype)
     reference = built.get("reference")
