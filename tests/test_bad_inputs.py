@@ -24,7 +24,8 @@ def test_random_bytes_in_checkpoint_last_are_repaired_from_checkpoint_best(tmp_p
     with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe"):
         assert prepare_resume(str(tmp_path), "checkpoint_last.pt") == last
     assert torch.load(last)["model"]["w"].sum() == 3
-    assert f"replaced it with {best}" in caplog.text
+    assert f"replaced it with a copy of {best}" in caplog.text
+    assert os.path.getsize(f"{last}.damaged") == 5000  # the random bytes are kept aside, not destroyed
 
 
 def test_restore_file_naming_a_directory(tmp_path):
