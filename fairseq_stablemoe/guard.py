@@ -39,12 +39,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def moe_memory_check(cfg, world: int = 1) -> None:
-    """Estimate the experts' fp32 weights per process before building them; refuse what cannot fit."""
+def expert_parameters(cfg, world: int = 1) -> Tuple[int, int]:
+    """(expert parameters per process, the layers' other parameters: attention, dense FFNs, layer norms) of the
+    model `cfg` describes; the embeddings are left out (the dictionary is not known here)."""
     experts, sublayers = int(_get(cfg, "moe_experts", 0)), int(_get(cfg, "moe_sublayers", 0))
     if str(_get(cfg, "moe_expert_parallel", "auto")) != "off" and world > 1 and experts % world == 0:
         experts //= world
-    total = 0
+    total, dense = 0, 0
     translation = _get(cfg, "encoder_moe_layers") is not None
     stacks = (("encoder", "encoder_moe_layers"), ("decoder", "decoder_moe_layers")) if translation else (
         ("decoder", "moe_layers"),)
@@ -53,8 +54,35 @@ def moe_memory_check(cfg, world: int = 1) -> None:
         dim = int(_get(cfg, f"{side}_embed_dim", 0))
         ffn = int(_get(cfg, "moe_ffn_embed_dim", 0)) or int(_get(cfg, f"{side}_ffn_embed_dim", 0))
         total += layers * experts * sublayers * (2 * dim * ffn + ffn + 3 * dim)  # LN, two linear layers
+        blocks = int(_get(cfg, f"{side}_layers", 0) or 0)
+        dense += blocks * (4 * dim * dim + 2 * dim * int(_get(cfg, f"{side}_ffn_embed_dim", 0) or 0))
+    return total, dense
+
+
+def available_memory(on_gpu: bool) -> float:
+    """Bytes this process can still allocate: the GPU's free memory, or the machine's MemAvailable."""
+    if on_gpu:
+        return float(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _on_gpu(cfg) -> bool:
+    return torch.cuda.is_available() and not _get(cfg, "cpu", False)
+
+
+def moe_memory_check(cfg, world: int = 1) -> None:
+    """Estimate the experts' fp32 weights per process before building them; refuse what cannot fit."""
+    total, _ = expert_parameters(cfg, world)
+    sublayers = int(_get(cfg, "moe_sublayers", 0))
     gigabytes = total * 4 / 1e9
-    on_gpu = torch.cuda.is_available() and not _get(cfg, "cpu", False)
+    on_gpu = _on_gpu(cfg)
     memory = (torch.cuda.get_device_properties(0).total_memory if on_gpu
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 1e9
     if gigabytes > memory:
@@ -63,6 +91,34 @@ def moe_memory_check(cfg, world: int = 1) -> None:
             f"parameters per process, {gigabytes:.1f} GB in fp32 (weights alone), more than this "
             f"{'GPU' if on_gpu else 'machine'}'s {memory:.1f} GB: lower --moe-experts, --moe-sublayers or "
             f"--moe-ffn-embed-dim, or shard the experts over more processes")
+
+
+def training_memory_check(task, cfg, world: int = 1) -> None:
+    """Before fairseq-train builds the model: what training allocates per process (fp32 weights, their gradients,
+    Adam's two moments, and an estimate of one batch's activations) against the memory available now."""
+    experts, dense = expert_parameters(cfg, world)
+    params = experts + dense
+    weights, grads, moments = 4 * params, 4 * params, 8 * params
+    tokens = int(task_option(task, "max_tokens", 0) or 0) or \
+        int(task_option(task, "batch_size", 0) or 0) * int(task_option(task, "tokens_per_sample", 0) or 0)
+    dims = [int(_get(cfg, f"{side}_embed_dim", 0) or 0) for side in ("encoder", "decoder")]
+    ffns = [int(_get(cfg, "moe_ffn_embed_dim", 0) or 0) or int(_get(cfg, f"{side}_ffn_embed_dim", 0) or 0)
+            for side in ("encoder", "decoder")]
+    blocks = sum(int(_get(cfg, f"{side}_layers", 0) or 0) for side in ("encoder", "decoder"))
+    # per token and block: ~16 vectors of the model's width and 2 of the FFN's kept for the backward pass (fp32)
+    activations = 4 * tokens * max(blocks, 1) * (16 * max(dims) + 2 * max(ffns))
+    needed = weights + grads + moments + activations
+    on_gpu = torch.cuda.is_available() and not task_option(task, "cpu", False)
+    available = available_memory(on_gpu)
+    if needed > available:
+        gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+        raise ValueError(
+            f"training this model needs about {gb(needed)} per process: {params / 1e9:.2f}B parameters "
+            f"({experts / 1e9:.2f}B in the experts) take {gb(weights)} of fp32 weights, {gb(grads)} of gradients and "
+            f"{gb(moments)} of Adam's two moments, and one batch of {tokens} tokens about {gb(activations)} of "
+            f"activations; this {'GPU' if on_gpu else 'machine'} has {gb(available)} available: lower "
+            f"--moe-experts, --moe-ffn-embed-dim or --moe-sublayers (or --max-tokens / --batch-size), or shard the "
+            f"experts over more processes")
 
 
 def check_model_config(cfg, task=None) -> None:
@@ -172,6 +228,7 @@ def read_checkpoint(path: str) -> dict:
 
 def guard_training(task, cfg) -> None:
     check_precision(task)
+    training_memory_check(task, cfg, comm.world_size())
     if comm.rank() == 0:  # it alone writes checkpoints, also under expert parallelism
         lock_save_dir(task_option(task, "save_dir"))
     path, kind = checkpoint_to_load(task)

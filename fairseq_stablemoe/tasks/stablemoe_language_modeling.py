@@ -26,6 +26,7 @@ class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig
     fp16_no_flatten_grads: bool = II("common.fp16_no_flatten_grads")
     cpu: bool = II("common.cpu")
     ddp_backend: str = II("distributed_training.ddp_backend")
+    max_tokens: Optional[int] = II("dataset.max_tokens")  # the training memory check's batch size
 
 
 @register_task("stablemoe_language_modeling", dataclass=StableMoELanguageModelingConfig)
