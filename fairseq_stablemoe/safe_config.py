@@ -72,10 +72,8 @@ EVALUATED_FIELDS = {
     "model_overrides": "examples (drnmt_rerank, criss): eval",
     "extra_data": "multilingual_data_manager.py: eval_str_dict",
     "extra_lang_pairs": "multilingual_data_manager.py: eval_str_dict",
-    "langtoks_specs": "multilingual_data_manager.py: eval_str_dict",
     "langtoks": "multilingual_data_manager.py: eval_str_dict",
     "sampling_weights": "multilingual_data_manager.py: eval_str_dict",
-    "lang_tok_replacing_bos_eos": "multilingual_data_manager.py: eval_str_dict",
 }
 
 # `${name:...}`: an OmegaConf resolver call (a plain `${a.b}` reference has no colon before its first `}`)
@@ -101,7 +99,7 @@ def _items(cfg: Any, prefix: str) -> Iterator[Tuple[str, str, Any]]:
     elif isinstance(cfg, argparse.Namespace):
         cfg = vars(cfg)
     if isinstance(cfg, (list, tuple)):
-        entries = [(f"{prefix}[{i}]", prefix.rpartition(".")[2], v) for i, v in enumerate(cfg)]
+        entries = [(f"{prefix}[{i}]", "", v) for i, v in enumerate(cfg)]  # fairseq evaluates no list item
     elif isinstance(cfg, dict):
         entries = [(f"{prefix}.{name}" if prefix else str(name), str(name), v) for name, v in cfg.items()]
     else:

@@ -7,7 +7,7 @@ from omegaconf import II
 
 from ..guard import GuardedTask
 from .routing_probes import RoutingProbeConfig
-from .skipped_samples import check_skipped
+from . import skipped_samples  # noqa: F401  (counts what any task skips: fairseq_stablemoe/tasks/skipped_samples.py)
 from .stage import StageSwitchingTask
 from .stage1_auto import Stage1AutoConfig
 
@@ -32,8 +32,3 @@ class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig
 @register_task("stablemoe_language_modeling", dataclass=StableMoELanguageModelingConfig)
 class StableMoELanguageModelingTask(GuardedTask, StageSwitchingTask, LanguageModelingTask):
     """fairseq's language_modeling, plus the StableMoE stage switch and routing probes in the update loop."""
-
-    def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
-        kept = super().filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
-        check_skipped(len(indices), len(kept), max_positions, self.args.tokens_per_sample)
-        return kept
