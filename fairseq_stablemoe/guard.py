@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 # the MoE flags a checkpoint's weights and routing depend on (the translation model has per-side ones)
 MOE_SETTINGS = ["moe_experts", "moe_sublayers", "moe_layers", "moe_position", "moe_ffn_embed_dim", "moe_routing",
-                "hash_type", "stage1_assignment", "distilled_router", "distilled_dim", "encoder_moe_layers",
+                "hash_type", "stage1_assignment", "distilled_router", "distilled_dim", "distilled_router_layers",
+                "encoder_moe_layers",
                 "encoder_moe_position", "decoder_moe_layers", "decoder_moe_position"]
 
 
@@ -184,7 +185,16 @@ def check_precision(task) -> None:
                                                  or opt("memory_efficient_fp16", False))
     if flattened_fp16 and (opt("cpu", False) or not torch.cuda.is_available()):
         raise ValueError("--fp16 without --fp16-no-flatten-grads needs a GPU (fairseq's flattened fp16 optimizer "
-                         "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train with --amp or in fp32")
+                         "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train in fp32 (--amp does "
+                         "nothing on a CPU)")
+    if opt("amp", False) and (opt("cpu", False) or not torch.cuda.is_available()):
+        logger.warning("--amp on a CPU trains in float32: fairseq's --amp uses CUDA's autocast, which does nothing "
+                       "here; drop --amp (the numbers are the same), or train on a GPU for mixed precision")
+    max_tokens, tokens_per_sample = opt("max_tokens"), opt("tokens_per_sample")
+    if max_tokens and tokens_per_sample and int(max_tokens) < int(tokens_per_sample):
+        raise ValueError(f"--max-tokens {max_tokens} is less than one sample (--tokens-per-sample "
+                         f"{tokens_per_sample}): fairseq cannot make a batch; use --max-tokens {tokens_per_sample} or "
+                         f"more, or --batch-size")
     world, backend = comm.world_size(), str(opt("ddp_backend", "legacy_ddp"))
     if world > 1 and (opt("cpu", False) or not torch.cuda.is_available()) and backend not in ("legacy_ddp",
                                                                                               "no_c10d"):
@@ -254,11 +264,22 @@ def refuse_finished_run(task, state: dict, path: str) -> None:
         sys.exit(0)
 
 
+def _setting(cfg, name):
+    """A MoE flag's value as the model uses it: --moe-ffn-embed-dim 0 stands for the model's FFN size."""
+    value = _get(cfg, name)
+    if name == "moe_ffn_embed_dim" and value is not None and int(value) == 0:
+        sizes = {int(_get(cfg, f"{side}_ffn_embed_dim")) for side in ("encoder", "decoder")
+                 if _get(cfg, f"{side}_ffn_embed_dim") is not None}
+        if len(sizes) == 1:
+            return sizes.pop()
+    return value
+
+
 def compare_moe_settings(saved, cfg, path: str) -> None:
     differ = [f"{flag(name)} {_get(saved, name)} (checkpoint) / {_get(cfg, name)} (command line)"
               for name in MOE_SETTINGS
               if _get(saved, name) is not None and _get(cfg, name) is not None
-              and str(_get(saved, name)) != str(_get(cfg, name))]
+              and str(_setting(saved, name)) != str(_setting(cfg, name))]
     if differ:
         raise ValueError(f"{path} was trained with other MoE settings than this command line: {', '.join(differ)}; "
                          f"resume with the checkpoint's values, or start a new run in another --save-dir")

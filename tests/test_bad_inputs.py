@@ -82,7 +82,8 @@ def test_flattened_fp16_on_cpu_is_refused(data):
     with pytest.raises(ValueError) as err:
         helpers.build_for_training(data, "--fp16")
     assert str(err.value) == ("--fp16 without --fp16-no-flatten-grads needs a GPU (fairseq's flattened fp16 optimizer "
-                              "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train with --amp or in fp32")
+                              "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train in fp32 (--amp does "
+                              "nothing on a CPU)")
 
 
 def test_cpu_processes_need_legacy_ddp(monkeypatch):

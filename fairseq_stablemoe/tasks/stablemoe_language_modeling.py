@@ -1,6 +1,8 @@
+import os
 from dataclasses import dataclass
 from typing import Optional
 
+from fairseq import utils
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import II
@@ -25,6 +27,7 @@ class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig
     memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
     fp16_no_flatten_grads: bool = II("common.fp16_no_flatten_grads")
     cpu: bool = II("common.cpu")
+    amp: bool = II("common.amp")
     ddp_backend: str = II("distributed_training.ddp_backend")
     max_tokens: Optional[int] = II("dataset.max_tokens")  # the training memory check's batch size
 
@@ -32,3 +35,17 @@ class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig
 @register_task("stablemoe_language_modeling", dataclass=StableMoELanguageModelingConfig)
 class StableMoELanguageModelingTask(GuardedTask, StageSwitchingTask, LanguageModelingTask):
     """fairseq's language_modeling, plus the StableMoE stage switch and routing probes in the update loop."""
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        check_split_not_empty(self.args.data, split, epoch)
+        return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+
+
+def check_split_not_empty(data: str, split: str, epoch: int = 1) -> None:
+    """fairseq fails on a binarised split of no token with numpy's bare 'cannot mmap an empty file'."""
+    paths = utils.split_paths(data)
+    binary = os.path.join(paths[(epoch - 1) % len(paths)], f"{split}.bin")
+    if os.path.isfile(binary) and os.path.getsize(binary) == 0:
+        raise ValueError(f"the {split} split ({binary}) holds no token: fairseq cannot read an empty split ('cannot "
+                         f"mmap an empty file'); put text into its source file and run fairseq-preprocess again, or "
+                         f"leave {split} out (--valid-subset, --gen-subset, --disable-validation)")
