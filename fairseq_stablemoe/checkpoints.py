@@ -149,6 +149,26 @@ def refuse_non_finite(weights, path: str) -> None:
                 f"checkpoint (training diverged or the file was damaged)")
 
 
+def refuse_bad_router_tables(state: dict, path: str) -> None:
+    """A StableMoE checkpoint's token id -> expert tables (the frozen distilled router's, hash routing's) may only
+    name experts the model has (-1: not built yet); anything else would end in an index error mid-evaluation."""
+    stored = stored_config(state)
+    cfg = stored.get("model") if hasattr(stored, "get") else None
+    experts = cfg.get("moe_experts") if hasattr(cfg, "get") else getattr(cfg, "moe_experts", None)
+    if not experts:
+        return
+    for name, table in (state.get("model") or {}).items():
+        if not (name.endswith(".table") and torch.is_tensor(table)) or table.is_floating_point() or not table.numel():
+            continue
+        bad = (table < -1) | (table >= int(experts))
+        if bad.any():
+            token = int(bad.nonzero()[0, 0])
+            raise CheckpointError(
+                f"checkpoint {path}: {name} sends token id {token} to expert {int(table[token])}, but the model has "
+                f"--moe-experts {experts} (experts 0..{int(experts) - 1}): refused; the file was changed or damaged "
+                f"after training, use another checkpoint")
+
+
 def read_state(path: str) -> dict:
     """The checkpoint's dict, memory-mapped when it can be (weights-only: our allow-list applies)."""
     try:
@@ -302,6 +322,7 @@ def checked_load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=F
     if not local:
         refuse_evaluated_code(stored_config(state), "")  # too late for fairseq's own upgrade, never for building
     refuse_non_finite(state.get("model"), path)
+    refuse_bad_router_tables(state, path)
     return state
 
 

@@ -78,3 +78,17 @@ def test_an_empty_split_is_named(tmp_path):
         task.load_dataset("valid")
     assert str(err.value).startswith(f"the valid split ({data}/valid.bin) holds no token: fairseq cannot read an "
                                      f"empty split")
+
+
+@pytest.mark.slow
+def test_a_router_table_entry_out_of_range_is_refused_on_load(checkpoint, tmp_path):
+    state = torch.load(checkpoint)
+    key = next(k for k in state["model"] if k.endswith(".table"))
+    state["model"][key][7] = 99  # before: an IndexError in the middle of evaluation
+    bad = str(tmp_path / "table.pt")
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint_utils.load_checkpoint_to_cpu(bad)
+    assert str(err.value) == (f"checkpoint {bad}: {key} sends token id 7 to expert 99, but the model has --moe-experts "
+                              f"4 (experts 0..3): refused; the file was changed or damaged after training, use "
+                              f"another checkpoint")
