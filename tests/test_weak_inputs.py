@@ -92,3 +92,16 @@ def test_a_router_table_entry_out_of_range_is_refused_on_load(checkpoint, tmp_pa
     assert str(err.value) == (f"checkpoint {bad}: {key} sends token id 7 to expert 99, but the model has --moe-experts "
                               f"4 (experts 0..3): refused; the file was changed or damaged after training, use "
                               f"another checkpoint")
+
+
+def test_a_valid_split_smaller_than_one_batch_names_the_batch_size_multiple(tmp_path):
+    data = helpers.tiny_lm_data(tmp_path, lines=(200, 2, 20))
+    _, task, _, _ = helpers.build_for_training(data)
+    task.load_dataset("valid")
+    with pytest.raises(ValueError) as err:  # fairseq alone, at validation: "The dataset is empty. ..."
+        task.get_batch_iterator(task.dataset("valid"), max_sentences=4, max_positions=32,
+                                required_batch_size_multiple=8)
+    assert str(err.value) == ("a split of 1 sample(s) makes no batch with --batch-size 4, --max-tokens None and "
+                              "--required-batch-size-multiple 8 (fairseq's default is 8): pass "
+                              "--required-batch-size-multiple 1, or use a larger split")
+    task.get_batch_iterator(task.dataset("valid"), max_sentences=4, max_positions=32, required_batch_size_multiple=1)

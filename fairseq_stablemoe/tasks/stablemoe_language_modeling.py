@@ -40,6 +40,20 @@ class StableMoELanguageModelingTask(GuardedTask, StageSwitchingTask, LanguageMod
         check_split_not_empty(self.args.data, split, epoch)
         return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
 
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        """fairseq's; a split that makes no batch at all is named with its cause (fairseq alone: 'The dataset is
+        empty ... Try increasing the max number of allowed tokens')."""
+        itr = super().get_batch_iterator(dataset, *args, **kwargs)
+        frozen = getattr(itr, "frozen_batches", None)
+        if frozen is not None and len(frozen) == 0 and len(dataset) > 0:
+            multiple = kwargs.get("required_batch_size_multiple", 1)
+            getattr(self, "dataset_to_epoch_iter", {}).pop(dataset, None)  # fairseq caches it: not this one
+            raise ValueError(
+                f"a split of {len(dataset)} sample(s) makes no batch with --batch-size {kwargs.get('max_sentences')}, "
+                f"--max-tokens {kwargs.get('max_tokens')} and --required-batch-size-multiple {multiple} (fairseq's "
+                f"default is 8): pass --required-batch-size-multiple 1, or use a larger split")
+        return itr
+
 
 def check_split_not_empty(data: str, split: str, epoch: int = 1) -> None:
     """fairseq fails on a binarised split of no token with numpy's bare 'cannot mmap an empty file'."""
