@@ -122,10 +122,18 @@ def training_memory_check(task, cfg, world: int = 1) -> None:
             f"experts over more processes")
 
 
+DEEP_EXPERTS = 64  # sublayers per expert beyond which building and every forward are slow enough to say so
+
+
 def check_model_config(cfg, task=None) -> None:
     """Before a model is built from `cfg` (a checkpoint's, or the command line's) for `task`'s data."""
     refuse_evaluated_code(cfg, "model")
     moe_memory_check(cfg, comm.world_size())
+    sublayers = int(_get(cfg, "moe_sublayers", 0) or 0)
+    if sublayers > DEEP_EXPERTS:
+        logger.warning(f"--moe-sublayers {sublayers}: every expert is a stack of {sublayers} FFN sublayers run one "
+                       f"after another, so building the model and each forward pass take long (minutes at 100000); "
+                       f"the default is 3")
     if task is not None:
         check_fingerprints(task, _get(cfg, "dictionary_fingerprints"))
 

@@ -105,3 +105,11 @@ def test_a_valid_split_smaller_than_one_batch_names_the_batch_size_multiple(tmp_
                               "--required-batch-size-multiple 8 (fairseq's default is 8): pass "
                               "--required-batch-size-multiple 1, or use a larger split")
     task.get_batch_iterator(task.dataset("valid"), max_sentences=4, max_positions=32, required_batch_size_multiple=1)
+
+
+def test_very_deep_experts_are_announced_before_the_long_build(caplog):
+    with caplog.at_level(logging.WARNING):
+        guard.check_model_config({"moe_sublayers": 100000, "moe_experts": 2, "moe_layers": 1, "decoder_embed_dim": 8,
+                                  "decoder_ffn_embed_dim": 8})
+    assert "--moe-sublayers 100000: every expert is a stack of 100000 FFN sublayers run one after another" \
+        in caplog.text
