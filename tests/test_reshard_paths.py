@@ -81,3 +81,25 @@ def test_the_epochs_position_is_carried_to_the_new_number_of_processes():
     assert state["extra_state"]["train_iterator"]["iterations_in_epoch"] == 25
     reshard_checkpoint.reshard_iterator_position(state, 2, 4)
     assert state["extra_state"]["train_iterator"]["iterations_in_epoch"] == 12
+
+
+@pytest.mark.distributed
+def test_following_the_recipe_from_one_to_two_processes_mid_epoch(tmp_path):
+    """1 process stops at update 10 of a 16-batch epoch; resharded for 2 (8 batches each), they resume after batch 5
+    of their shards. fairseq alone, with the old position 10: 'Cannot resume training due to dataloader mismatch'."""
+    from test_expert_parallel_fairseq import BATCHES, make_corpus, preprocess
+
+    make_corpus(str(tmp_path))
+    data = preprocess(str(tmp_path))
+    first, two = str(tmp_path / "one"), str(tmp_path / "two")
+
+    def args(save_dir, max_update):
+        return [str(a) for a in helpers.train_lm_args(data, save_dir, *BATCHES, stage1=4, max_update=max_update)]
+
+    helpers.wait(helpers.launch("fairseq_cli.train", args(first, 10), 1, str(tmp_path / "first")))
+    state = torch.load(os.path.join(first, "checkpoint_last.pt"))
+    assert state["extra_state"]["train_iterator"]["iterations_in_epoch"] == 10
+    reshard_checkpoint.main([os.path.join(first, "checkpoint_last.pt"), os.path.join(two, "checkpoint_last.pt"),
+                             "--world-size", "2"])
+    [log0, _] = helpers.wait(helpers.launch("fairseq_cli.train", args(two, 12), 2, str(tmp_path / "resume")))
+    assert "@ 10 updates)" in log0 and "num_updates 12" in log0 and "dataloader mismatch" not in log0
