@@ -207,11 +207,10 @@ def sound(path: str) -> bool:
 
 def newest_intact(save_dir: str, exclude: Optional[str] = None) -> Optional[str]:
     """The sound fairseq checkpoint in `save_dir` with the most updates stored inside (checkpoint_last.pt first
-    among equals)."""
-    candidates = [p for p in checkpoint_files(save_dir) if p != exclude and sound(p) and stored_update(p) >= 0]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: (stored_update(p), os.path.basename(p) == "checkpoint_last.pt"))
+    among equals). Checksums are verified from the top down, so a save dir of many checkpoints is not read whole."""
+    candidates = [p for p in checkpoint_files(save_dir) if p != exclude and is_intact(p) and stored_update(p) >= 0]
+    candidates.sort(key=lambda p: (stored_update(p), os.path.basename(p) == "checkpoint_last.pt"), reverse=True)
+    return next((p for p in candidates if corrupt_member(p) is None), None)
 
 
 def _move_aside(path: str) -> str:
