@@ -110,6 +110,12 @@ def unsafe_globals(path: str) -> List[str]:
     return torch.serialization.get_unsafe_globals_in_checkpoint(path)
 
 
+def _example(flag: str, path: str) -> str:
+    """', e.g. FLAG <the sound checkpoint with most updates beside path>', or nothing when there is none."""
+    beside = newest_intact(os.path.dirname(path) or ".", exclude=path)
+    return f", e.g. {flag} {beside}" if beside else ""
+
+
 def check_checkpoint(path: str, flag: str = "--restore-file") -> None:
     """Raise a CheckpointError naming the problem and the fix if fairseq could not safely load `path`."""
     if os.path.isdir(path):
@@ -120,15 +126,13 @@ def check_checkpoint(path: str, flag: str = "--restore-file") -> None:
     if not is_intact(path):
         raise CheckpointError(
             f"{flag} {path} is truncated or not a checkpoint ({os.path.getsize(path)} bytes, no zip central "
-            f"directory): resume from an intact checkpoint, e.g. "
-            f"{flag} {newest_intact(os.path.dirname(path), exclude=path) or '…'}")
+            f"directory): resume from an intact checkpoint{_example(flag, path)}")
     member = corrupt_member(path)
     if member is not None:
         raise CheckpointError(
             f"{flag} {path} is corrupt: the stored checksum (CRC-32) of its part {member} does not match its bytes "
             f"(the file changed after it was written: a disk, copy or transfer error), so its numbers cannot be "
-            f"trusted: refused; use another checkpoint, e.g. "
-            f"{flag} {newest_intact(os.path.dirname(path), exclude=path) or '…'}")
+            f"trusted: refused; use another checkpoint{_example(flag, path)}")
     unsafe = unsafe_globals(path)
     if unsafe:
         raise CheckpointError(
