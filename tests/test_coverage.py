@@ -67,3 +67,18 @@ def test_fairseqs_own_task_does_not_score_a_sliver_silently(tmp_path):
     status, log = helpers.run_forked("fairseq_cli.eval_lm", argv + ["--tokens-per-sample", 32],
                                      str(tmp_path / "32.log"))
     assert status == 0 and "Evaluated 297 tokens" in log
+
+    # --sample-break-mode eos on lines longer than the model's positions (fairseq alone: "Evaluated 0 tokens ...
+    # Perplexity: 1.00", exit 0)
+    long_text = tmp_path / "long"
+    long_text.mkdir()
+    (long_text / "test.txt").write_text("".join(" ".join(f"w{(i + j) % 40}" for j in range(40)) + "\n"
+                                                for i in range(5)))
+    long_bin = helpers.run_cli("fairseq_cli.preprocess", [
+        "--only-source", "--testpref", long_text / "test.txt", "--destdir", tmp_path / "long-bin",
+        "--srcdict", os.path.join(data, "dict.txt"), "--workers", 1]) and str(tmp_path / "long-bin")
+    status, log = helpers.run_forked("fairseq_cli.eval_lm", [long_bin, *argv[1:], "--tokens-per-sample", 32,
+                                                             "--sample-break-mode", "eos"], str(tmp_path / "eos.log"))
+    assert status != 0 and "Perplexity" not in log
+    assert "none of the split's 205 tokens would be scored: 5 of 5 samples are longer than the model's 32 " \
+           "positions and fairseq skips them; with --sample-break-mode eos a sample is a whole line" in log, log[-2000:]
