@@ -6,20 +6,33 @@ that class, so fairseq-eval-lm / fairseq-generate load any fairseq checkpoint wi
 user, while every other pickled object (a function, an arbitrary class) is refused by torch's
 weights-only unpickler before it runs. Training refuses such a file itself, with a clearer message.
 
+Checked on every load: importing the plugin wraps fairseq's checkpoint_utils.load_checkpoint_to_cpu, the one
+function through which fairseq-eval-lm, fairseq-generate, fairseq-train (--restore-file, resuming,
+--finetune-from-model), from_pretrained and our tools read a checkpoint. Before fairseq reads it: the file must
+be a checkpoint (not a directory, not cut short), its zip's CRC-32 checksums must match its bytes (a flipped bit
+is refused, not loaded), it must hold no pickled object outside the allow-list, and its whole stored config is
+checked by safe_config.refuse_evaluated_code, whatever model and task it names. After: every floating-point model
+weight must be finite (NaN or inf is refused, naming the tensor).
+
 Robust: fairseq writes the first checkpoint of a save atomically (a .tmp file, then a rename) but
-*copies* it to checkpoint_last.pt / checkpoint_best.pt with a plain, non-atomic file copy. A run killed
-during that copy leaves a truncated checkpoint_last.pt, and the next launch would fail to resume.
-`prepare_resume` repairs that before fairseq loads it: the copy's source is the newest intact file beside it.
+*copies* it to checkpoint_last.pt / checkpoint_best.pt (and further names of the same save) with a plain,
+non-atomic file copy. A run killed during that copy leaves a truncated copy, and the next launch would fail to
+resume. `prepare_resume` repairs that before fairseq loads it. It looks only at the files fairseq names
+(checkpoint_last.pt, checkpoint_best.pt, checkpointN.pt, checkpoint_E_U.pt), chooses the source by the update
+count stored inside (never by the files' dates), moves a damaged file aside instead of overwriting it, and says
+what it did.
 """
 import argparse
 import collections
+import functools
 import glob
 import logging
 import os
+import re
 import shutil
 import typing
 import zipfile
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq.distributed.utils import _TensorPlaceholder
@@ -41,6 +54,10 @@ if hasattr(torch.serialization, "add_safe_globals"):
 # torch.save's legacy (pre-zip) format starts by pickling this magic number (protocol 2)
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
+# the names fairseq-train gives its checkpoints (checkpoint_utils.save_checkpoint); nothing else is ever touched
+FAIRSEQ_NAME = re.compile(r"checkpoint(?:_last|_best|\d+|_\d+_\d+)\.pt$")
+COPIES = ("checkpoint_last.pt", "checkpoint_best.pt")
+
 
 class CheckpointError(ValueError):
     pass
@@ -59,11 +76,44 @@ def is_intact(path: str) -> bool:
         return False
 
 
+def _signature(path: str) -> Tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _corrupt_member(signature: Tuple[str, int, int]) -> Optional[str]:
+    try:
+        with zipfile.ZipFile(signature[0]) as z:
+            return z.testzip()
+    except zipfile.BadZipFile:
+        return None  # not a zip: is_intact reports it
+    except (OSError, EOFError, ValueError) as err:  # a member's bytes unreadable (e.g. its header damaged)
+        return f"? ({err})"
+
+
+def corrupt_member(path: str) -> Optional[str]:
+    """The first member of a zip checkpoint whose CRC-32 does not match its bytes (torch's reader does not
+    check them), or None."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None
+    return _corrupt_member(_signature(path))
+
+
 def unsafe_globals(path: str) -> List[str]:
     """Pickled classes/functions in `path` that neither torch nor our allow-list accepts."""
     if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
         return []  # torch < 2.5 has no weights-only default to satisfy
+    if not zipfile.is_zipfile(path):
+        return []  # the legacy format: torch's weights-only unpickler checks it as it loads (it cannot list it)
     return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+
+
+def _example(flag: str, path: str) -> str:
+    """', e.g. FLAG <the sound checkpoint with most updates beside path>', or nothing when there is none."""
+    beside = newest_intact(os.path.dirname(path) or ".", exclude=path)
+    return f", e.g. {flag} {beside}" if beside else ""
 
 
 def check_checkpoint(path: str, flag: str = "--restore-file") -> None:
@@ -76,7 +126,13 @@ def check_checkpoint(path: str, flag: str = "--restore-file") -> None:
     if not is_intact(path):
         raise CheckpointError(
             f"{flag} {path} is truncated or not a checkpoint ({os.path.getsize(path)} bytes, no zip central "
-            f"directory): resume from an intact checkpoint, e.g. {flag} {newest_intact(os.path.dirname(path)) or '…'}")
+            f"directory): resume from an intact checkpoint{_example(flag, path)}")
+    member = corrupt_member(path)
+    if member is not None:
+        raise CheckpointError(
+            f"{flag} {path} is corrupt: the stored checksum (CRC-32) of its part {member} does not match its bytes "
+            f"(the file changed after it was written: a disk, copy or transfer error), so its numbers cannot be "
+            f"trusted: refused; use another checkpoint{_example(flag, path)}")
     unsafe = unsafe_globals(path)
     if unsafe:
         raise CheckpointError(
@@ -85,37 +141,157 @@ def check_checkpoint(path: str, flag: str = "--restore-file") -> None:
             f"fairseq-train")
 
 
+def refuse_non_finite(weights, path: str) -> None:
+    """NaN or inf in a model weight gives plausible-looking but wrong numbers: refuse, naming the tensor."""
+    for name, tensor in (weights or {}).items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.numel() \
+                and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"checkpoint {path}: model weight {name} holds {bad} non-finite value(s) (NaN or inf) of "
+                f"{tensor.numel()}: refused, since every number computed with it would be wrong; use an earlier "
+                f"checkpoint (training diverged or the file was damaged)")
+
+
+def refuse_bad_router_tables(state: dict, path: str) -> None:
+    """A StableMoE checkpoint's token id -> expert tables (the frozen distilled router's, hash routing's) may only
+    name experts the model has (-1: not built yet); anything else would end in an index error mid-evaluation."""
+    stored = stored_config(state)
+    cfg = stored.get("model") if hasattr(stored, "get") else None
+    experts = cfg.get("moe_experts") if hasattr(cfg, "get") else getattr(cfg, "moe_experts", None)
+    if not experts:
+        return
+    for name, table in (state.get("model") or {}).items():
+        if not (name.endswith(".table") and torch.is_tensor(table)) or table.is_floating_point() or not table.numel():
+            continue
+        bad = (table < -1) | (table >= int(experts))
+        if bad.any():
+            token = int(bad.nonzero()[0, 0])
+            raise CheckpointError(
+                f"checkpoint {path}: {name} sends token id {token} to expert {int(table[token])}, but the model has "
+                f"--moe-experts {experts} (experts 0..{int(experts) - 1}): refused; the file was changed or damaged "
+                f"after training, use another checkpoint")
+
+
+def read_state(path: str) -> dict:
+    """The checkpoint's dict, memory-mapped when it can be (weights-only: our allow-list applies)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu")  # the legacy (pre-zip) format cannot be memory-mapped
+
+
+def stored_config(state: dict):
+    return state.get("cfg") or {"model": state.get("args")}
+
+
 def checkpoint_files(save_dir: str) -> List[str]:
-    return [p for p in glob.glob(os.path.join(save_dir, "checkpoint*.pt")) if os.path.isfile(p)]
+    """The checkpoints fairseq-train writes in `save_dir`, by its names (checkpoint_notes.pt is not one)."""
+    return sorted(p for p in glob.glob(os.path.join(save_dir, "checkpoint*.pt"))
+                  if os.path.isfile(p) and FAIRSEQ_NAME.match(os.path.basename(p)))
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_update(signature: Tuple[str, int, int]) -> int:
+    try:
+        history = read_state(signature[0]).get("optimizer_history") or [{}]
+        return int(history[-1].get("num_updates", 0))
+    except Exception:  # unreadable: never chosen as a source
+        return -1
+
+
+def stored_update(path: str) -> int:
+    """The update count fairseq stored in the checkpoint (-1 when it cannot be read)."""
+    return _stored_update(_signature(path))
+
+
+def sound(path: str) -> bool:
+    return is_intact(path) and corrupt_member(path) is None
 
 
 def newest_intact(save_dir: str, exclude: Optional[str] = None) -> Optional[str]:
-    candidates = [p for p in checkpoint_files(save_dir) if p != exclude and is_intact(p)]
-    return max(candidates, key=os.path.getmtime) if candidates else None
+    """The sound fairseq checkpoint in `save_dir` with the most updates stored inside (checkpoint_last.pt first
+    among equals). Checksums are verified from the top down, so a save dir of many checkpoints is not read whole."""
+    candidates = [p for p in checkpoint_files(save_dir) if p != exclude and is_intact(p) and stored_update(p) >= 0]
+    candidates.sort(key=lambda p: (stored_update(p), os.path.basename(p) == "checkpoint_last.pt"), reverse=True)
+    return next((p for p in candidates if corrupt_member(p) is None), None)
 
 
-def recover_truncated(path: str) -> str:
-    """Replace a truncated copy (checkpoint_last/best) with the newest intact checkpoint beside it, atomically."""
-    source = newest_intact(os.path.dirname(path) or ".", exclude=path)
+def _move_aside(path: str) -> str:
+    aside, n = f"{path}.damaged", 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.damaged{n}"
+    os.replace(path, aside)
+    return aside
+
+
+def _copy_atomically(source: str, path: str) -> None:
+    tmp = f"{path}.recover-{os.getpid()}"
+    shutil.copyfile(source, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def recover_truncated(path: str) -> Optional[str]:
+    """Repair a truncated checkpoint fairseq copied (checkpoint_last/best) from the sound checkpoint with the most
+    updates beside it; move the damaged file aside (kept, never overwritten). Other fairseq names are only moved
+    aside. Returns the source copied (None if none)."""
+    save_dir, name = os.path.dirname(path) or ".", os.path.basename(path)
+    if name not in COPIES:
+        aside = _move_aside(path)
+        logger.warning(f"{path} is truncated or damaged (the run was killed while fairseq copied a checkpoint to "
+                       f"it): moved it to {aside}; fairseq does not resume from it")
+        return None
+    source = newest_intact(save_dir, exclude=path)
     if source is None:
         raise CheckpointError(f"{path} is truncated and no intact checkpoint is beside it: restart training "
                               f"without it (move it away) or pass --restore-file with an intact checkpoint")
-    tmp = f"{path}.recover-{os.getpid()}"
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
-    logger.warning(f"{path} was truncated (the run was killed while fairseq copied a checkpoint); "
-                   f"replaced it with {source}, the newest intact checkpoint, and resuming from there")
+    update = stored_update(source)
+    aside = _move_aside(path)
+    _copy_atomically(source, path)
+    if name == "checkpoint_last.pt":
+        logger.warning(f"{path} was truncated (the run was killed while fairseq copied a checkpoint); moved it to "
+                       f"{aside} and replaced it with a copy of {source}, the intact checkpoint with the most "
+                       f"updates ({update}): resuming from update {update}")
+    else:
+        logger.warning(f"{path} was truncated (the run was killed while fairseq copied a checkpoint); moved it to "
+                       f"{aside} and replaced it with a copy of {source} (update {update}, the newest intact "
+                       f"checkpoint): checkpoint_best.pt now holds the model of update {update}, which may not be "
+                       f"the one with the best validation loss")
     return source
+
+
+def refuse_stale_last(save_dir: str) -> None:
+    """checkpoint_last.pt intact but older than another checkpoint of this run (killed after the save was written,
+    before fairseq copied it to checkpoint_last.pt): fairseq would resume from the older one and overwrite the
+    newer one. Resume from the newer one instead (the older last is kept aside)."""
+    last = os.path.join(save_dir, "checkpoint_last.pt")
+    if not os.path.exists(last) or not sound(last):
+        return
+    newest = newest_intact(save_dir)
+    if newest is None or newest == last or stored_update(newest) <= stored_update(last) \
+            or os.path.getmtime(newest) <= os.path.getmtime(last):
+        return
+    aside = f"{last}.update{stored_update(last)}"
+    os.replace(last, aside)
+    _copy_atomically(newest, last)
+    logger.warning(f"{last} held update {stored_update(aside)} but {newest} (written after it) holds update "
+                   f"{stored_update(newest)}: the run was killed before fairseq copied its last save; resuming from "
+                   f"update {stored_update(newest)} (the older checkpoint_last.pt is kept as {aside})")
 
 
 def prepare_resume(save_dir: str, restore_file: str) -> Optional[str]:
     """Before fairseq-train loads its checkpoint: repair truncated copies (checkpoint_last.pt, checkpoint_best.pt),
     refuse a bad --restore-file or checkpoint_last.pt. Returns the path fairseq will load (None when it starts from scratch)."""
     if restore_file == "checkpoint_last.pt":
-        # only copies (last, best) can be truncated: the files fairseq writes first are renamed into place
-        for path in checkpoint_files(save_dir):
+        # only copies can be truncated: the first file of a save is renamed into place
+        names = checkpoint_files(save_dir)
+        for path in sorted(names, key=lambda p: os.path.basename(p) in COPIES):  # the others first: not sources
             if not is_intact(path):
                 recover_truncated(path)
+        refuse_stale_last(save_dir)
         path = os.path.join(save_dir, restore_file)
         if not os.path.exists(path):
             return None
@@ -129,13 +305,49 @@ def prepare_resume(save_dir: str, restore_file: str) -> Optional[str]:
     return restore_file
 
 
-def load_checked(path: str, arg_overrides=None, flag: str = "--path") -> dict:
-    """A checkpoint for our tools: refused if unsafe (pickles, or code in a field fairseq evaluates)."""
-    from fairseq import checkpoint_utils
+# --- every load through fairseq's loader ---
+
+_fairseq_load_checkpoint_to_cpu = None
+
+
+def checked_load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+    """fairseq's checkpoint_utils.load_checkpoint_to_cpu, with the checks above before and after (see the module's
+    doc); installed by `install_checked_loader` at plugin import."""
+    from fairseq.file_io import PathManager
 
     from .safe_config import refuse_evaluated_code
 
-    check_checkpoint(path, flag)
-    state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
-    refuse_evaluated_code(state.get("cfg") or {"model": state.get("args")}, "")
+    local = not PathManager.path_requires_pathmanager(path)
+    if local:
+        check_checkpoint(path, flag="checkpoint")
+        refuse_evaluated_code(stored_config(read_state(path)), "")
+    state = _fairseq_load_checkpoint_to_cpu(path, arg_overrides, load_on_all_ranks)
+    if not local:
+        refuse_evaluated_code(stored_config(state), "")  # too late for fairseq's own upgrade, never for building
+    refuse_non_finite(state.get("model"), path)
+    refuse_bad_router_tables(state, path)
     return state
+
+
+def install_checked_loader() -> None:
+    global _fairseq_load_checkpoint_to_cpu
+    from fairseq import checkpoint_utils
+
+    from .safe_config import patch_fairseq_eval
+
+    patch_fairseq_eval()
+    if checkpoint_utils.load_checkpoint_to_cpu is not checked_load_checkpoint_to_cpu:
+        _fairseq_load_checkpoint_to_cpu = checkpoint_utils.load_checkpoint_to_cpu
+        checkpoint_utils.load_checkpoint_to_cpu = checked_load_checkpoint_to_cpu
+
+
+def load_checked(path: str, arg_overrides=None, flag: str = "--path") -> dict:
+    """A checkpoint for our tools: refused if unsafe (pickles, code in its config, damaged, non-finite weights)."""
+    from fairseq import checkpoint_utils
+
+    check_checkpoint(path, flag)
+    install_checked_loader()
+    return checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
+
+
+install_checked_loader()

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 # the MoE flags a checkpoint's weights and routing depend on (the translation model has per-side ones)
 MOE_SETTINGS = ["moe_experts", "moe_sublayers", "moe_layers", "moe_position", "moe_ffn_embed_dim", "moe_routing",
-                "hash_type", "stage1_assignment", "distilled_router", "distilled_dim", "encoder_moe_layers",
+                "hash_type", "stage1_assignment", "distilled_router", "distilled_dim", "distilled_router_layers",
+                "encoder_moe_layers",
                 "encoder_moe_position", "decoder_moe_layers", "decoder_moe_position"]
 
 
@@ -39,12 +40,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def moe_memory_check(cfg, world: int = 1) -> None:
-    """Estimate the experts' fp32 weights per process before building them; refuse what cannot fit."""
+def expert_parameters(cfg, world: int = 1) -> Tuple[int, int]:
+    """(expert parameters per process, the layers' other parameters: attention, dense FFNs, layer norms) of the
+    model `cfg` describes; the embeddings are left out (the dictionary is not known here)."""
     experts, sublayers = int(_get(cfg, "moe_experts", 0)), int(_get(cfg, "moe_sublayers", 0))
     if str(_get(cfg, "moe_expert_parallel", "auto")) != "off" and world > 1 and experts % world == 0:
         experts //= world
-    total = 0
+    total, dense = 0, 0
     translation = _get(cfg, "encoder_moe_layers") is not None
     stacks = (("encoder", "encoder_moe_layers"), ("decoder", "decoder_moe_layers")) if translation else (
         ("decoder", "moe_layers"),)
@@ -53,8 +55,35 @@ def moe_memory_check(cfg, world: int = 1) -> None:
         dim = int(_get(cfg, f"{side}_embed_dim", 0))
         ffn = int(_get(cfg, "moe_ffn_embed_dim", 0)) or int(_get(cfg, f"{side}_ffn_embed_dim", 0))
         total += layers * experts * sublayers * (2 * dim * ffn + ffn + 3 * dim)  # LN, two linear layers
+        blocks = int(_get(cfg, f"{side}_layers", 0) or 0)
+        dense += blocks * (4 * dim * dim + 2 * dim * int(_get(cfg, f"{side}_ffn_embed_dim", 0) or 0))
+    return total, dense
+
+
+def available_memory(on_gpu: bool) -> float:
+    """Bytes this process can still allocate: the GPU's free memory, or the machine's MemAvailable."""
+    if on_gpu:
+        return float(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _on_gpu(cfg) -> bool:
+    return torch.cuda.is_available() and not _get(cfg, "cpu", False)
+
+
+def moe_memory_check(cfg, world: int = 1) -> None:
+    """Estimate the experts' fp32 weights per process before building them; refuse what cannot fit."""
+    total, _ = expert_parameters(cfg, world)
+    sublayers = int(_get(cfg, "moe_sublayers", 0))
     gigabytes = total * 4 / 1e9
-    on_gpu = torch.cuda.is_available() and not _get(cfg, "cpu", False)
+    on_gpu = _on_gpu(cfg)
     memory = (torch.cuda.get_device_properties(0).total_memory if on_gpu
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 1e9
     if gigabytes > memory:
@@ -65,10 +94,46 @@ def moe_memory_check(cfg, world: int = 1) -> None:
             f"--moe-ffn-embed-dim, or shard the experts over more processes")
 
 
+def training_memory_check(task, cfg, world: int = 1) -> None:
+    """Before fairseq-train builds the model: what training allocates per process (fp32 weights, their gradients,
+    Adam's two moments, and an estimate of one batch's activations) against the memory available now."""
+    experts, dense = expert_parameters(cfg, world)
+    params = experts + dense
+    weights, grads, moments = 4 * params, 4 * params, 8 * params
+    tokens = int(task_option(task, "max_tokens", 0) or 0) or \
+        int(task_option(task, "batch_size", 0) or 0) * int(task_option(task, "tokens_per_sample", 0) or 0)
+    dims = [int(_get(cfg, f"{side}_embed_dim", 0) or 0) for side in ("encoder", "decoder")]
+    ffns = [int(_get(cfg, "moe_ffn_embed_dim", 0) or 0) or int(_get(cfg, f"{side}_ffn_embed_dim", 0) or 0)
+            for side in ("encoder", "decoder")]
+    blocks = sum(int(_get(cfg, f"{side}_layers", 0) or 0) for side in ("encoder", "decoder"))
+    # per token and block: ~16 vectors of the model's width and 2 of the FFN's kept for the backward pass (fp32)
+    activations = 4 * tokens * max(blocks, 1) * (16 * max(dims) + 2 * max(ffns))
+    needed = weights + grads + moments + activations
+    on_gpu = torch.cuda.is_available() and not task_option(task, "cpu", False)
+    available = available_memory(on_gpu)
+    if needed > available:
+        gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+        raise ValueError(
+            f"training this model needs about {gb(needed)} per process: {params / 1e9:.2f}B parameters "
+            f"({experts / 1e9:.2f}B in the experts) take {gb(weights)} of fp32 weights, {gb(grads)} of gradients and "
+            f"{gb(moments)} of Adam's two moments, and one batch of {tokens} tokens about {gb(activations)} of "
+            f"activations; this {'GPU' if on_gpu else 'machine'} has {gb(available)} available: lower "
+            f"--moe-experts, --moe-ffn-embed-dim or --moe-sublayers (or --max-tokens / --batch-size), or shard the "
+            f"experts over more processes")
+
+
+DEEP_EXPERTS = 64  # sublayers per expert beyond which building and every forward are slow enough to say so
+
+
 def check_model_config(cfg, task=None) -> None:
     """Before a model is built from `cfg` (a checkpoint's, or the command line's) for `task`'s data."""
     refuse_evaluated_code(cfg, "model")
     moe_memory_check(cfg, comm.world_size())
+    sublayers = int(_get(cfg, "moe_sublayers", 0) or 0)
+    if sublayers > DEEP_EXPERTS:
+        logger.warning(f"--moe-sublayers {sublayers}: every expert is a stack of {sublayers} FFN sublayers run one "
+                       f"after another, so building the model and each forward pass take long (minutes at 100000); "
+                       f"the default is 3")
     if task is not None:
         check_fingerprints(task, _get(cfg, "dictionary_fingerprints"))
 
@@ -128,7 +193,16 @@ def check_precision(task) -> None:
                                                  or opt("memory_efficient_fp16", False))
     if flattened_fp16 and (opt("cpu", False) or not torch.cuda.is_available()):
         raise ValueError("--fp16 without --fp16-no-flatten-grads needs a GPU (fairseq's flattened fp16 optimizer "
-                         "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train with --amp or in fp32")
+                         "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train in fp32 (--amp does "
+                         "nothing on a CPU)")
+    if opt("amp", False) and (opt("cpu", False) or not torch.cuda.is_available()):
+        logger.warning("--amp on a CPU trains in float32: fairseq's --amp uses CUDA's autocast, which does nothing "
+                       "here; drop --amp (the numbers are the same), or train on a GPU for mixed precision")
+    max_tokens, tokens_per_sample = opt("max_tokens"), opt("tokens_per_sample")
+    if max_tokens and tokens_per_sample and int(max_tokens) < int(tokens_per_sample):
+        raise ValueError(f"--max-tokens {max_tokens} is less than one sample (--tokens-per-sample "
+                         f"{tokens_per_sample}): fairseq cannot make a batch; use --max-tokens {tokens_per_sample} or "
+                         f"more, or --batch-size")
     world, backend = comm.world_size(), str(opt("ddp_backend", "legacy_ddp"))
     if world > 1 and (opt("cpu", False) or not torch.cuda.is_available()) and backend not in ("legacy_ddp",
                                                                                               "no_c10d"):
@@ -172,6 +246,7 @@ def read_checkpoint(path: str) -> dict:
 
 def guard_training(task, cfg) -> None:
     check_precision(task)
+    training_memory_check(task, cfg, comm.world_size())
     if comm.rank() == 0:  # it alone writes checkpoints, also under expert parallelism
         lock_save_dir(task_option(task, "save_dir"))
     path, kind = checkpoint_to_load(task)
@@ -197,11 +272,22 @@ def refuse_finished_run(task, state: dict, path: str) -> None:
         sys.exit(0)
 
 
+def _setting(cfg, name):
+    """A MoE flag's value as the model uses it: --moe-ffn-embed-dim 0 stands for the model's FFN size."""
+    value = _get(cfg, name)
+    if name == "moe_ffn_embed_dim" and value is not None and int(value) == 0:
+        sizes = {int(_get(cfg, f"{side}_ffn_embed_dim")) for side in ("encoder", "decoder")
+                 if _get(cfg, f"{side}_ffn_embed_dim") is not None}
+        if len(sizes) == 1:
+            return sizes.pop()
+    return value
+
+
 def compare_moe_settings(saved, cfg, path: str) -> None:
     differ = [f"{flag(name)} {_get(saved, name)} (checkpoint) / {_get(cfg, name)} (command line)"
               for name in MOE_SETTINGS
               if _get(saved, name) is not None and _get(cfg, name) is not None
-              and str(_get(saved, name)) != str(_get(cfg, name))]
+              and str(_setting(saved, name)) != str(_setting(cfg, name))]
     if differ:
         raise ValueError(f"{path} was trained with other MoE settings than this command line: {', '.join(differ)}; "
                          f"resume with the checkpoint's values, or start a new run in another --save-dir")

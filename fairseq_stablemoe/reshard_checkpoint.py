@@ -12,12 +12,14 @@ anyway), and a warning says so.
 """
 import argparse
 import logging
+import os
 from typing import Dict, List
 
 import torch
 from fairseq import tasks
 from omegaconf import OmegaConf
 
+from .atomic import atomic_open
 from .checkpoints import load_checked
 from .moe import MoELayer
 from .moe.expert_parallel import expert_parallel_world, expert_shard
@@ -101,10 +103,42 @@ def reshard(path: str, out: str, world_size: int, data: str = None):
         saved = legacy  # written before the experts' weights were stacked: one parameter per expert
     if optim is not None:
         state["last_optimizer_state"] = reshard_optimizer_state(state["last_optimizer_state"], saved, new)
+    reshard_iterator_position(state, saved_world, world_size)
     cfg.distributed_training.distributed_world_size = world_size
     state["cfg"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    torch.save(state, out)
+    with atomic_open(out) as f:  # a kill during the write leaves no cut file behind
+        torch.save(state, f)
     logger.info(f"{path} (saved by {saved_world} processes) -> {out} (for {world_size})")
+
+
+def reshard_iterator_position(state: dict, saved_world: int, world_size: int) -> None:
+    """fairseq stores how many batches each of the W ranks has taken in this epoch (they take every W-th batch of
+    one list, which does not depend on W); W' ranks continue from the same place in that list: k * W / W'
+    (fairseq alone, with the old count: "Cannot resume training due to dataloader mismatch")."""
+    itr = (state.get("extra_state") or {}).get("train_iterator")
+    if not isinstance(itr, dict) or not itr.get("iterations_in_epoch") or saved_world == world_size:
+        return
+    taken = int(itr["iterations_in_epoch"]) * saved_world
+    itr["iterations_in_epoch"] = taken // world_size
+    logger.info(f"epoch {itr.get('epoch')}: {taken} batches were taken by {saved_world} processes; each of "
+                f"{world_size} resumes after batch {itr['iterations_in_epoch']} of its shard")
+
+
+def check_paths(parser, checkpoint: str, output: str) -> None:
+    """Before anything is read or written: the output must be a new file; its folder is created."""
+    if os.path.isdir(output):
+        parser.error(f"the output {output} is a directory: name the file to write, e.g. "
+                     f"{os.path.join(output, 'checkpoint_last.pt')}")
+    if os.path.exists(output) and os.path.exists(checkpoint) and os.path.samefile(output, checkpoint):
+        parser.error(f"the output {output} is the input checkpoint: resharding drops the experts' optimizer state, "
+                     f"so keep the original and write to another file, e.g. NEW_DIR/checkpoint_last.pt")
+    if os.path.exists(output):
+        parser.error(f"the output {output} exists: a checkpoint is never overwritten; name a new file (e.g. in a "
+                     f"new folder) or move that one away first")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+        logger.info(f"created {folder} for the output")
 
 
 def main(argv=None):
@@ -119,6 +153,7 @@ def main(argv=None):
     if args.world_size < 1:
         parser.error(f"--world-size must be at least 1 (got {args.world_size}): the number of processes that "
                      f"will resume from the output")
+    check_paths(parser, args.checkpoint, args.output)
     reshard(args.checkpoint, args.output, args.world_size, args.data)
 
 

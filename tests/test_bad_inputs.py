@@ -24,7 +24,8 @@ def test_random_bytes_in_checkpoint_last_are_repaired_from_checkpoint_best(tmp_p
     with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe"):
         assert prepare_resume(str(tmp_path), "checkpoint_last.pt") == last
     assert torch.load(last)["model"]["w"].sum() == 3
-    assert f"replaced it with {best}" in caplog.text
+    assert f"replaced it with a copy of {best}" in caplog.text
+    assert os.path.getsize(f"{last}.damaged") == 5000  # the random bytes are kept aside, not destroyed
 
 
 def test_restore_file_naming_a_directory(tmp_path):
@@ -81,7 +82,8 @@ def test_flattened_fp16_on_cpu_is_refused(data):
     with pytest.raises(ValueError) as err:
         helpers.build_for_training(data, "--fp16")
     assert str(err.value) == ("--fp16 without --fp16-no-flatten-grads needs a GPU (fairseq's flattened fp16 optimizer "
-                              "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train with --amp or in fp32")
+                              "allocates on CUDA): on CPU add --fp16-no-flatten-grads, or train in fp32 (--amp does "
+                              "nothing on a CPU)")
 
 
 def test_cpu_processes_need_legacy_ddp(monkeypatch):
@@ -109,3 +111,23 @@ def test_only_the_writing_rank_locks(data, tmp_path, monkeypatch):
     monkeypatch.setattr(guard.comm, "rank", lambda: 0)
     helpers.build_for_training(data, save_dir=str(tmp_path / "rank0"))
     assert (tmp_path / "rank0" / LOCK_NAME).exists()
+
+
+def test_training_memory_counts_gradients_optimizer_state_and_activations(data, monkeypatch):
+    """--moe-experts 5000 --moe-ffn-embed-dim 4096: 5.3 GB of weights fit, but training needs four times that and
+    the kernel killed the run (exit 137, no message). Refused before anything is allocated, with the figures."""
+    from fairseq_stablemoe import guard
+
+    monkeypatch.setattr(guard, "available_memory", lambda on_gpu: 16e9)
+    with pytest.raises(ValueError) as err:
+        helpers.build_for_training(data, "--moe-experts", "5000", "--moe-ffn-embed-dim", "4096")
+    message = str(err.value)
+    assert message.startswith("training this model needs about 21.") and "per process: 1.33B parameters (1.33B in " \
+        "the experts) take 5.3 GB of fp32 weights, 5.3 GB of gradients and 10.7 GB of Adam's two moments, and one " \
+        "batch of 128 tokens about" in message, message
+    assert message.endswith("this machine has 16.0 GB available: lower --moe-experts, --moe-ffn-embed-dim or "
+                            "--moe-sublayers (or --max-tokens / --batch-size), or shard the experts over more processes")
+    monkeypatch.setattr(guard, "available_memory", lambda on_gpu: 1e12)
+    guard.training_memory_check(helpers.build_for_training(data)[1], SimpleNamespace(
+        moe_experts=5000, moe_sublayers=1, moe_layers=1, decoder_embed_dim=32, moe_ffn_embed_dim=4096,
+        decoder_layers=2, decoder_ffn_embed_dim=64))  # fits in 1 TB

@@ -90,8 +90,8 @@ MESSAGES = {
     "restore-missing": "--restore-file <path> does not exist; fix the path, or drop the flag to "
         "resume from <save_dir>/checkpoint_last.pt",
     "last-truncated": "<save_dir>/checkpoint_last.pt was truncated (the run was killed while fairseq "
-        "copied a checkpoint); replaced it with <save_dir>/checkpoint_1_10.pt, the "
-        "newest intact checkpoint, and resuming from there",
+        "copied a checkpoint); moved it to <save_dir>/checkpoint_last.pt.damaged and replaced it with a copy of "
+        "<save_dir>/checkpoint_1_10.pt, the intact checkpoint with the most updates (0): resuming from update 0",
     "unsafe-pickle": "--restore-file <path> holds pickled objects other than tensors and fairseq's "
         "settings (posix.system); we refuse arbitrary pickles because loading them can "
         "run code: use a checkpoint written by fairseq-train",

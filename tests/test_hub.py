@@ -45,14 +45,23 @@ def test_eval_lm_that_would_score_no_token_is_an_error(lm):
                                         "--gen-subset", "test", "--cpu", "--num-workers", 0])
 
 
-def test_skipping_most_samples_warns(caplog):
-    from fairseq_stablemoe.tasks.skipped_samples import check_skipped
+def test_skipping_most_tokens_is_an_error(caplog):
+    from types import SimpleNamespace
 
-    check_skipped(100, 60, 128, 128)
+    import numpy as np
+
+    from fairseq_stablemoe.tasks.skipped_samples import check_coverage
+
+    class Sizes:
+        num_tokens_vec = staticmethod(lambda indices: np.full(len(indices), 10))
+
+    lm = SimpleNamespace(args=SimpleNamespace(tokens_per_sample=1024, sample_break_mode="none"))
+    check_coverage(lm, Sizes, np.arange(100), np.arange(100), 128)
     assert not caplog.records
-    check_skipped(100, 40, 128, 1024)
-    assert "60 of 100 samples (60%) are longer than the model's 128 positions and are SKIPPED" in caplog.text
-    assert "pass --tokens-per-sample 128" in caplog.text
+    with pytest.raises(ValueError, match=r"only 400 of the split's 1,000 tokens \(40.0%\) would be scored: 60 of "
+                                         r"100 samples are longer than the model's 128 positions .*pass "
+                                         r"--tokens-per-sample 128"):
+        check_coverage(lm, Sizes, np.arange(100), np.arange(40), 128)
 
 
 def test_package_exports_models_and_advertises_no_downloads():

@@ -64,28 +64,21 @@ def test_every_field_is_checked_and_literals_pass():
         refuse_evaluated_code({"encoder": {"xformers_att_config": "exit()"}}, "task")
 
 
-FAIRSEQ_BUILD_PATHS = ["models/transformer_lm.py", "models/transformer", "modules/multihead_attention.py",
-                       "modules/transformer_layer.py", "modules/adaptive_input.py", "modules/adaptive_softmax.py",
-                       "modules/character_token_embedder.py", "tasks/language_modeling.py",
-                       "tasks/translation_multi_simple_epoch.py", "data/multilingual/multilingual_data_manager.py",
-                       "data/multilingual/sampling_method.py"]
-
-
 def test_no_evaluated_field_of_fairseq_is_missing():
-    """Search fairseq's source on our build paths for eval calls on config attributes."""
+    """Search all of fairseq's source (examples included: any model or task a checkpoint may name) for eval calls
+    on config attributes."""
     import fairseq
 
     from fairseq_stablemoe.safe_config import EVALUATED_FIELDS
 
     root = os.path.dirname(fairseq.__file__)
     call = re.compile(r"(?:eval_str_list|eval_str_dict|eval_bool|(?<![\w.])eval)\(\s*(?:self\.)?"
-                      r"(?:args|cfg|cfg\.\w+)\.(\w+)")
+                      r"(?:args|cfg|\w+_cfg|cfg\.\w+)\.(\w+)")
     found = set()
-    for rel in FAIRSEQ_BUILD_PATHS:
-        path = os.path.join(root, rel)
-        files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".py")] \
-            if os.path.isdir(path) else [path]
-        for file in files:
-            found.update(call.findall(open(file).read()))
-    assert found >= {"adaptive_softmax_cutoff", "character_filters", "adaptive_input_cutoff"}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                found.update(call.findall(open(os.path.join(folder, name), errors="replace").read()))
+    assert found >= {"adaptive_softmax_cutoff", "character_filters", "adaptive_input_cutoff", "adam_betas",
+                     "left_pad_source", "conv_feature_layers"}
     assert found <= set(EVALUATED_FIELDS), f"fairseq evaluates fields we do not check: {found - set(EVALUATED_FIELDS)}"

@@ -93,9 +93,13 @@ def test_any_other_pickled_object_is_refused(checkpoint, tmp_path, make, named, 
     state["extra_state"]["smuggled"] = make(tmp_path)
     path = str(tmp_path / "smuggled.pt")
     torch.save(state, path)
-    # fairseq-eval-lm / fairseq-generate: torch's weights-only unpickler refuses it, naming the global
-    with pytest.raises(pickle.UnpicklingError) as err:
+    # fairseq-eval-lm / fairseq-generate: the plugin's wrapped loader refuses it before torch unpickles it
+    with pytest.raises(CheckpointError) as err:
         checkpoint_utils.load_checkpoint_to_cpu(path)
+    assert f"({named}); we refuse arbitrary pickles" in str(err.value)
+    # torch's weights-only unpickler, beneath it, refuses it too, naming the global
+    with pytest.raises(pickle.UnpicklingError) as err:
+        torch.load(path)
     assert torch_names in str(err.value)
     # fairseq-train (resume / --restore-file): refused before fairseq loads it, with our message
     with pytest.raises(CheckpointError) as err:
@@ -104,9 +108,9 @@ def test_any_other_pickled_object_is_refused(checkpoint, tmp_path, make, named, 
     assert not (tmp_path / "pwned").exists()  # nothing ran
 
 
-def test_truncated_checkpoint_is_refused_by_torch_with_a_clear_message(checkpoint, tmp_path):
+def test_truncated_checkpoint_is_refused_by_the_loader_with_a_clear_message(checkpoint, tmp_path):
     path = str(tmp_path / "truncated.pt")
     with open(checkpoint, "rb") as f, open(path, "wb") as g:
         g.write(f.read()[: os.path.getsize(checkpoint) // 2])
-    with pytest.raises(RuntimeError, match="failed finding central directory"):
+    with pytest.raises(CheckpointError, match="is truncated or not a checkpoint"):
         checkpoint_utils.load_checkpoint_to_cpu(path)

@@ -21,6 +21,11 @@ def pyplot():
 
 
 def save_figure(fig, out: str):
+    import os
+
+    from ..atomic import atomic_open
+
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with atomic_open(out) as f:  # a temporary file and a rename, as every file the plugin writes
+        fig.savefig(f, dpi=120, format=os.path.splitext(out)[1][1:] or "png")
     print(f"wrote {out}")

@@ -1,10 +1,15 @@
 """Each expert's load per MoE layer at every validation, in SAVE_DIR/expert_loads.json (plain JSON: loading it runs
 nothing). Read or plot it with `python -m fairseq_stablemoe.analysis.expert_load SAVE_DIR`."""
 import json
+import logging
 import os
 from typing import List, Optional
 
 import torch
+
+from ..atomic import atomic_open, move_aside
+
+logger = logging.getLogger(__name__)
 
 EXPERT_LOADS_FILE = "expert_loads.json"
 FORMAT = "fairseq_stablemoe.expert_loads/1"
@@ -40,19 +45,27 @@ class ExpertLoadRecord:
             "update": update, "subset": subset,
             "load": [row[:n].tolist() for row, n in zip(load.long(), num_experts)],
         })
-        tmp = f"{self.path}.tmp"
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(self.record, f)
-        os.replace(tmp, self.path)
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with atomic_open(self.path, "w") as f:
+                json.dump(self.record, f)
+        except OSError as err:  # a side file: training goes on without it
+            logger.warning(f"could not write {self.path} ({err}); training goes on, this validation's expert loads "
+                           f"are not recorded")
 
     def _continued(self, update: int, layers: List[str], num_experts: List[int]) -> dict:
         fresh = {"format": FORMAT, "layers": layers, "num_experts": num_experts, "validations": []}
         if not os.path.exists(self.path):
             return fresh
-        record = load_expert_loads(self.path)
-        if record["layers"] != layers or record["num_experts"] != num_experts:
-            os.replace(self.path, f"{self.path}.old")  # another model's record: kept aside, not mixed in
+        try:
+            record = load_expert_loads(self.path)
+            if record["layers"] != layers or record["num_experts"] != num_experts:
+                move_aside(self.path, "old")  # another model's record: kept aside, not mixed in
+                return fresh
+            record["validations"] = [v for v in record["validations"] if int(v["update"]) < update]
+            return record
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError) as err:
+            aside = move_aside(self.path, "unreadable")
+            logger.warning(f"{self.path} could not be read ({type(err).__name__}: {str(err)[:80]}): moved it to "
+                           f"{aside} and started a new record; training goes on")
             return fresh
-        record["validations"] = [v for v in record["validations"] if v["update"] < update]
-        return record

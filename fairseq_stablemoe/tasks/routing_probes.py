@@ -15,6 +15,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import BaseFairseqModel
 from omegaconf import II
 
+from ..atomic import atomic_open, move_aside
 from ..moe import comm
 from ..moe.probe import probe_experts
 
@@ -44,6 +45,10 @@ def add_routing_probe_args(parser):
     gen_parser_from_dataclass(parser, RoutingProbeConfig())
 
 
+class InconsistentRecord(ValueError):
+    """a probe record whose per-layer lists differ in length (caught: the file is moved aside)"""
+
+
 def expert_dtype(num_experts: int) -> torch.dtype:
     return torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 2 ** 15 else torch.int32
 
@@ -51,9 +56,8 @@ def expert_dtype(num_experts: int) -> torch.dtype:
 def save_probes(path: str, record: dict):
     """Write the whole record to a temporary file, then atomically replace `path`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(record, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        torch.save(record, f)
 
 
 def load_probes(path: str) -> dict:
@@ -135,10 +139,13 @@ class RoutingProbes:
                 "experts": [e.new_zeros(0, e.numel()) for e in experts.values()],
             }
         rec = self.record
-        if rec["layers"] != list(tokens) or not all(map(torch.equal, rec["tokens"], tokens.values())):
-            raise ValueError(
-                f"{self.path} was recorded with another probe set or other MoE layers; resume with the same data, "
-                f"--routing-probe-tokens and model, or move the file away to start a new record")
+        if rec["layers"] != list(tokens) or len(rec["tokens"]) != len(tokens) or \
+                not all(map(torch.equal, rec["tokens"], tokens.values())):
+            aside = move_aside(self.path, "old") if os.path.exists(self.path) else "nowhere (not written yet)"
+            logger.warning(f"{self.path} was recorded with another probe set or other MoE layers (other data, "
+                           f"--routing-probe-tokens or model): moved it to {aside} and started a new record")
+            self.record = None
+            return self.probe(task, model, update)
         rec["updates"] = torch.cat([rec["updates"], torch.tensor([update])])
         rec["experts"] = [torch.cat([old, new.unsqueeze(0)]) for old, new in zip(rec["experts"], experts.values())]
         save_probes(self.path, rec)
@@ -153,11 +160,22 @@ class RoutingProbes:
         a run from update 0 starts a new record."""
         if update == 0 or not os.path.exists(self.path):
             return
-        self.record = load_probes(self.path)
-        keep = self.record["updates"] <= update
-        self.record["updates"] = self.record["updates"][keep]
-        self.record["experts"] = [e[keep] for e in self.record["experts"]]
-        self._changes()
+        try:
+            record = load_probes(self.path)
+            if not (isinstance(record["layers"], list) and len(record["layers"]) == len(record["tokens"])
+                    == len(record["experts"]) == len(record["num_experts"])):
+                raise InconsistentRecord  # its per-layer lists differ in length
+            keep = record["updates"] <= update
+            record["updates"] = record["updates"][keep]
+            record["experts"] = [e[keep] for e in record["experts"]]
+            self.record = record
+            self._changes()
+        except Exception as err:  # a side file, cut or foreign: never the end of a training run
+            self.record = None
+            aside = move_aside(self.path, "unreadable")
+            logger.warning(f"{self.path} could not be read ({type(err).__name__}: {str(err)[:80]}): moved it to "
+                           f"{aside} and started a new record; training goes on")
+            return
         logger.info(f"routing probes: continuing {self.path} from its {int(keep.sum())} probes up to update {update}")
 
     def _route(self, model):
