@@ -40,6 +40,8 @@ from omegaconf import DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
 
+from .atomic import move_aside
+
 logger = logging.getLogger(__name__)
 
 # Namespace: old-style `args`. The rest: what fairseq pickles when rank 0 broadcasts a loaded checkpoint to
@@ -217,15 +219,6 @@ def newest_intact(save_dir: str, exclude: Optional[str] = None) -> Optional[str]
     return next((p for p in candidates if corrupt_member(p) is None), None)
 
 
-def _move_aside(path: str) -> str:
-    aside, n = f"{path}.damaged", 1
-    while os.path.exists(aside):
-        n += 1
-        aside = f"{path}.damaged{n}"
-    os.replace(path, aside)
-    return aside
-
-
 def _copy_atomically(source: str, path: str) -> None:
     tmp = f"{path}.recover-{os.getpid()}"
     shutil.copyfile(source, tmp)
@@ -240,7 +233,7 @@ def recover_truncated(path: str) -> Optional[str]:
     aside. Returns the source copied (None if none)."""
     save_dir, name = os.path.dirname(path) or ".", os.path.basename(path)
     if name not in COPIES:
-        aside = _move_aside(path)
+        aside = move_aside(path, "damaged")
         logger.warning(f"{path} is truncated or damaged (the run was killed while fairseq copied a checkpoint to "
                        f"it): moved it to {aside}; fairseq does not resume from it")
         return None
@@ -249,7 +242,7 @@ def recover_truncated(path: str) -> Optional[str]:
         raise CheckpointError(f"{path} is truncated and no intact checkpoint is beside it: restart training "
                               f"without it (move it away) or pass --restore-file with an intact checkpoint")
     update = stored_update(source)
-    aside = _move_aside(path)
+    aside = move_aside(path, "damaged")
     _copy_atomically(source, path)
     if name == "checkpoint_last.pt":
         logger.warning(f"{path} was truncated (the run was killed while fairseq copied a checkpoint); moved it to "
