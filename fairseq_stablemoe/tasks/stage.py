@@ -5,7 +5,6 @@ import logging
 from fairseq import metrics, utils
 
 from ..guard import resume_path, task_option
-from ..reshard_checkpoint import warn_per_expert_optimizer_state
 from ..criterions.moe_aux import MoEAuxLossMixin
 from ..moe import comm, moe_layers, parameter_counts
 from ..moe.expert_parallel import (
@@ -139,6 +138,10 @@ class StageSwitchingTask:
             self._stage1_auto = Stage1Auto.from_task_config(self._task_config(), max_update)
         path = resume_path(self)  # GuardedTask (first among our tasks' bases) has repaired it already
         if path is not None and comm.rank() == 0:
+            # imported here: at the package's import it would make `python -m fairseq_stablemoe.reshard_checkpoint`
+            # warn "found in sys.modules"
+            from ..reshard_checkpoint import warn_per_expert_optimizer_state
+
             warn_per_expert_optimizer_state(path, model)
 
     def build_criterion(self, cfg, *args, **kwargs):
