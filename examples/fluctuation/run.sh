@@ -40,7 +40,9 @@ if [ ! -f "$OUT/bin/valid.bin" ]; then
     sed -E 's/([.,;:!?()"])/ \1 /g' "$SOTU/$split.txt" > "$OUT/text/$split.txt"
   done
   fairseq-preprocess --only-source --trainpref "$OUT/text/train.txt" --validpref "$OUT/text/valid.txt" \
-    --destdir "$OUT/bin" --nwordssrc "$VOCAB" --workers 2
+    --destdir "$OUT/bin" --nwordssrc "$VOCAB" --workers 2 > "$OUT/preprocess.log" 2>&1 \
+    || { tail -20 "$OUT/preprocess.log"; exit 1; }  # its settings and progress: $OUT/preprocess.log
+  grep -E "sents,|Wrote" "$OUT/preprocess.log" | sed -E 's/^INFO:fairseq_cli.preprocess://; s/^\[None\] //'
 fi
 
 SAVE="$OUT/$ROUTING"
