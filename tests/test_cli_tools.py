@@ -42,3 +42,12 @@ def test_a_command_runs():
     script = os.path.join(os.path.dirname(sys.executable), "stablemoe-fluctuation")
     proc = subprocess.run([script, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: stablemoe-fluctuation"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, module, function", console_scripts())
+def test_python_m_runs_without_a_runpy_warning(name, module, function):
+    """The package's import must not import the tools' modules: `python -m` then warns 'found in sys.modules'."""
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {name}"), proc.stderr[-2000:]
+    assert proc.stderr == "", proc.stderr[-2000:]

@@ -64,3 +64,7 @@ def test_tiny_config_trains_through_the_stage_switch(tmp_path):
     assert "update 3: 1 MoE layer(s) enter stage 2" in out
     assert "stage=1" in out and "stage=2" in out and "num_updates=6" in out
     assert (tmp_path / "ckpt" / "checkpoint_last.pt").exists() and not (tmp_path / "outputs").exists()
+    # hydra's own record goes beside the checkpoints, not into the working folder
+    assert not (tmp_path / ".hydra").exists() and not (tmp_path / "hydra_train.log").exists()
+    assert (tmp_path / "ckpt" / ".hydra" / "config.yaml").exists()
+    assert "num_updates=6" in (tmp_path / "ckpt" / "hydra_train.log").read_text()

@@ -3,6 +3,8 @@ load per layer at every validation (SAVE_DIR/expert_loads.json) with its reader.
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -61,9 +63,25 @@ def test_every_validation_writes_each_experts_load_per_layer(run, capsys):
     assert os.path.getsize(os.path.join(save_dir, "loads.png")) > 0
 
 
-def test_a_missing_or_foreign_record_is_refused_by_name(tmp_path):
-    with pytest.raises(FileNotFoundError, match="expert_loads.json does not exist: fairseq-train writes it"):
+def test_a_missing_or_foreign_record_is_refused_by_name_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as done:
         expert_load.main([str(tmp_path)])
+    assert done.value.code.startswith(f"stablemoe-expert-load: {tmp_path}/expert_loads.json does not exist: "
+                                      "fairseq-train writes it")
     (tmp_path / "expert_loads.json").write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(ValueError, match="is not an expert load record of this version"):
+    with pytest.raises(SystemExit, match="is not an expert load record of this version"):
         expert_load.main([str(tmp_path)])
+
+
+def test_plot_prints_the_report_and_nothing_else(tmp_path):
+    """Importing fairseq sets the root logger to DEBUG; matplotlib then logged ~230 font lines on stderr."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "expert_loads.json").write_text(json.dumps({
+        "format": "fairseq_stablemoe.expert_loads/1", "layers": ["decoder.layers.2"], "num_experts": [4],
+        "validations": [{"update": u, "subset": 0, "load": [[5, 3, 2, u % 3]]} for u in (10, 20)]}))
+    proc = subprocess.run([sys.executable, "-m", "fairseq_stablemoe.analysis.expert_load", str(tmp_path),
+                           "--plot", str(tmp_path / "loads.png")], capture_output=True, text=True,
+                          cwd=helpers.ROOT, env={**os.environ, "PYTHONPATH": helpers.ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == "", proc.stderr[:2000]
+    assert proc.stdout.startswith("update 20 (validation subset 0):") and "wrote " in proc.stdout

@@ -48,6 +48,13 @@ def test_last_fluctuation_cdf_and_change_rates_by_hand():
     assert layer["change_rates"] == pytest.approx([3 / 5, 2 / 5, 2 / 5, 1 / 5])
 
 
+def test_fluctuation_without_probes_says_what_to_add_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as done:
+        fluctuation.main([str(tmp_path)])
+    assert done.value.code == (f"stablemoe-fluctuation: {tmp_path}/routing_probes.pt does not exist: "
+                               "train with --routing-probe-interval K to record probes")
+
+
 def test_fluctuation_command_reads_a_save_dir_and_plots(tmp_path, capsys):
     save_probes(str(tmp_path / "routing_probes.pt"), hand_made_record())
     plot = tmp_path / "fluctuation.png"

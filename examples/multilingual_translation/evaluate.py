@@ -69,15 +69,22 @@ def main():
         label = "X→En" if direction == "x2en" else "En→X"
         table.append((label, scores))
 
+    text = bleu_markdown(table, args.name, str(bleu.get_signature()))
+    (args.out / "bleu.md").write_text(text, encoding="utf-8")
+    print(text, end="")
+
+
+def bleu_markdown(table, name: str, signature: str) -> str:
+    """bleu.md: per direction a table (one column per language, and the average), then the sacreBLEU signature;
+    it ends with a newline, so that files printed one after another (`cat */bleu.md`) do not run together."""
     lines = []
     for label, scores in table:
         lines += [f"| {label} | " + " | ".join(scores) + " | Avg |",
                   "|---" * (len(scores) + 2) + "|",
-                  f"| {args.name} | " + " | ".join(f"{s:.2f}" for s in scores.values())
+                  f"| {name} | " + " | ".join(f"{s:.2f}" for s in scores.values())
                   + f" | {sum(scores.values()) / len(scores):.2f} |", ""]
-    lines.append(f"sacreBLEU signature: `{bleu.get_signature()}`")
-    (args.out / "bleu.md").write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
+    lines.append(f"sacreBLEU signature: `{signature}`")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,14 @@ def quiet_logging():
     logging.getLogger().setLevel(logging.WARNING)
 
 
+def load_or_exit(load, path: str, prog: str):
+    """`load(path)`, or exit with one line (the record is missing or of another version) instead of a traceback."""
+    try:
+        return load(path)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"{prog}: {err}")
+
+
 def pyplot():
     """matplotlib's pyplot drawing into files (no screen needed), or exit naming the package to install."""
     try:
@@ -15,6 +23,9 @@ def pyplot():
     except ImportError:
         sys.exit("--plot needs matplotlib: pip install matplotlib (or pip install 'fairseq-stablemoe[plots]')")
     matplotlib.use("Agg")
+    # with the root logger at DEBUG (fairseq's import of its text_to_speech task sets it), matplotlib logs
+    # every font it scores: hundreds of lines. Its own warnings still show.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
     return plt

@@ -11,7 +11,7 @@ import sys
 from typing import List
 
 from ..tasks.expert_loads import load_expert_loads
-from . import pyplot, save_figure
+from . import load_or_exit, pyplot, quiet_logging, save_figure
 
 
 def spread(load: List[int]) -> str:
@@ -59,7 +59,8 @@ def main(argv=None):
     parser.add_argument("--all", action="store_true", help="every validation, not only the last")
     parser.add_argument("--plot", metavar="PNG", help="write a per-layer heat map of the experts' shares")
     args = parser.parse_args(argv)
-    record = load_expert_loads(args.path)
+    quiet_logging()
+    record = load_or_exit(load_expert_loads, args.path, parser.prog)
     if not record["validations"]:
         sys.exit(f"{args.path}: no validation recorded yet")
     print(report(record, args.all))

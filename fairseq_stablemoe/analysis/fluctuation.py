@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..tasks.routing_probes import load_probes
-from . import pyplot, quiet_logging, save_figure
+from . import load_or_exit, pyplot, quiet_logging, save_figure
 
 
 def change_rates(experts: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ def main(argv=None):
     quiet_logging()
     runs = []
     for path in args.paths:
-        record = load_probes(path)
+        record = load_or_exit(load_probes, path, parser.prog)
         if len(record["updates"]) < 2:
             sys.exit(f"{path}: only {len(record['updates'])} probe(s) recorded; fluctuation needs at least 2")
         print(report(path, record, summarize(record, args.after), args.after))

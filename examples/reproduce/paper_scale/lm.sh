@@ -7,7 +7,7 @@
 #   srun --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 examples/reproduce/paper_scale/lm.sh base DATA-BIN SAVE-DIR
 # DATA-BIN: fairseq-preprocess output of GPT-2 BPE text (vocab 50,257). ROUTING=switch|base|hash|dense_deeper|
 # dense_wider trains Table 2's other rows with the same budget; GPUS=N keeps 512K tokens through --update-freq;
-# PRINT=1 prints the arguments instead of training.
+# PRINT=1 prints the command (to paste into a shell) instead of training.
 set -euo pipefail
 SIZE=${1:?base or large}; DATA=${2:?data-bin}; SAVE=${3:?save dir}; ROUTING=${ROUTING:-stablemoe}
 case "$SIZE" in
@@ -31,4 +31,8 @@ ARGS=("$DATA" --user-dir "$(cd "$(dirname "$0")/../../.." && pwd)/fairseq_stable
   --fp16 --fp16-no-flatten-grads --ddp-backend legacy_ddp --distributed-world-size "$GPUS" --distributed-port 12355
   --save-dir "$SAVE" --validate-interval-updates 500 --save-interval-updates 500 --keep-interval-updates 2
   --no-epoch-checkpoints --log-format json --log-interval 100)
-if [ -n "${PRINT:-}" ]; then printf '%s\n' "${ARGS[@]}"; else exec fairseq-train "${ARGS[@]}"; fi
+if [ -n "${PRINT:-}" ]; then
+  source "$(dirname "$0")/print_command.sh"; print_command fairseq-train "${ARGS[@]}"
+else
+  exec fairseq-train "${ARGS[@]}"
+fi

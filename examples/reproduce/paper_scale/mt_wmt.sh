@@ -5,7 +5,8 @@
 # 4,096 tokens x 32 GPUs x update-freq 4 = 524,288 tokens.
 #   srun --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 examples/reproduce/paper_scale/mt_wmt.sh PREP SAVE-DIR
 # PREP: examples/multilingual_translation/prepare.py --vocab-size 64000 output (its langs.txt, lang_pairs.txt,
-# bin/). ROUTING=switch|base|hash|dense for Table 3's other rows; PRINT=1 prints the arguments instead.
+# bin/). ROUTING=switch|base|hash|dense for Table 3's other rows; PRINT=1 prints the command
+# (to paste into a shell) instead.
 set -euo pipefail
 PREP=${1:?prepare.py output}; SAVE=${2:?save dir}; ROUTING=${ROUTING:-stablemoe}; GPUS=${GPUS:-32}
 ARGS=("$PREP/bin" --user-dir "$(cd "$(dirname "$0")/../../.." && pwd)/fairseq_stablemoe"
@@ -26,4 +27,8 @@ ARGS=("$PREP/bin" --user-dir "$(cd "$(dirname "$0")/../../.." && pwd)/fairseq_st
   --fp16 --fp16-no-flatten-grads --ddp-backend legacy_ddp --distributed-world-size "$GPUS" --distributed-port 12355
   --save-dir "$SAVE" --validate-interval-updates 2000 --save-interval-updates 2000 --keep-interval-updates 2
   --no-epoch-checkpoints --log-format json --log-interval 100)
-if [ -n "${PRINT:-}" ]; then printf '%s\n' "${ARGS[@]}"; else exec fairseq-train "${ARGS[@]}"; fi
+if [ -n "${PRINT:-}" ]; then
+  source "$(dirname "$0")/print_command.sh"; print_command fairseq-train "${ARGS[@]}"
+else
+  exec fairseq-train "${ARGS[@]}"
+fi
