@@ -181,6 +181,20 @@ def test_every_message_here_is_a_row_of_docs_errors_md():
 
 # --- the gate's distribution -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("flags, gated", [
+    (("--moe-routing", "stablemoe"), True), (("--moe-routing", "switch"), True), (("--moe-routing", "base"), True),
+    (("--moe-routing", "hash", "--hash-gate", "sigmoid"), True), (("--moe-routing", "hash"), False),
+    (("--moe-routing", "dense"), False)])
+def test_every_soft_gate_is_described(tmp_path, flags, gated):
+    model, _ = helpers.build_lm(tmp_path, *flags)
+    model.eval()  # BASE's balanced assignment (training) needs fairseq.libbase; its gate is the same σ(s)
+    with torch.no_grad():
+        aux = model(torch.randint(4, 50, (2, 16)))[1]["moe_aux"][layer_of(model)]
+    assert ("gate" in aux) == gated
+    if gated:
+        assert aux["gate"][2:].sum() == 32  # every routed token in the histogram
+
+
 def test_gate_summary_by_hand():
     # 20 gates: ten at 0.05 (bin 5), ten at 0.55 (bin 55); the 10th percentile is the 2nd of 20 values: the
     # target count 2 lies 2/10 into bin 5, so 0.05 + 0.2 · 0.01 = 0.052
