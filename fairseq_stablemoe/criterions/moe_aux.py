@@ -34,8 +34,8 @@ def collect_moe_aux(model, net_output) -> Dict[str, torch.Tensor]:
         total[key] = torch.zeros((), dtype=torch.long)
     if any(not layer.routing.dense for layer in layers):  # every batch has the load keys (layerdrop may skip)
         total.update({key: torch.zeros(()) for key in ("load_max_over_mean", "load_cv", "unused_experts")})
-        # on the model's device: no host sync per forward
-        total["gate"] = torch.zeros(len(layers), gate_stats.ROW, dtype=torch.float64, device=next(layers[0].parameters()).device)
+        device = next(layers[0].parameters()).device  # the gates' own: no host sync per forward
+        total["gate"] = torch.zeros(len(layers), gate_stats.ROW, dtype=torch.float64, device=device)
     stages = []
     for i, layer in enumerate(layers):
         aux = dict(ran.get(layer, {}))
