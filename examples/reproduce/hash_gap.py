@@ -47,6 +47,8 @@ CONTRASTS = [
     ("the learned table vs Hash's, fixed from 0, gated", TABLE_GATED, HASH_GATED),
     ("a random vs the balanced hash table", HASH_RANDOM, HASH),
     ("StableMoE vs Hash (the gap)", STABLEMOE, HASH),
+    ("StableMoE vs Switch (--rows medium)", STABLEMOE, SWITCH),
+    ("StableMoE vs the standard Transformer (--rows medium)", STABLEMOE, STANDARD),
 ]
 
 
