@@ -106,9 +106,9 @@ def report(repro, rows, results) -> str:
                          f"(per seed: {', '.join(f'{d:+.2f}' for d in diffs)}; lower in "
                          f"{sum(d < 0 for d in diffs)}/{len(diffs)})")
     return (f"# Why Hash beats StableMoE: the table, the gate and stage 1 ({repro.out.rstrip('/').split('/')[-1]} "
-            f"mode)\n\n{repro.scale.describe()}.\n\n{table}\n\nGate: StableMoE's σ(E·h) (Hash with --hash-gate "
-            f"sigmoid: on the table's expert) over the curve set at the last validation; in stage 2 for StableMoE "
-            f"(–: no soft gate).\n\nPaired differences, valid PPL (negative: the first row better):\n\n"
+            f"mode)\n\n{repro.scale.describe()}.\n\n{table}\n\nGate: the routing's soft gate, StableMoE's σ(E·h) "
+            f"(Hash with --hash-gate sigmoid: on the table's expert; Switch: its softmax probability), over the "
+            f"curve set at the last validation; in stage 2 for StableMoE (–: no soft gate).\n\nPaired differences, valid PPL (negative: the first row better):\n\n"
             + "\n".join(lines) + "\n")
 
 
