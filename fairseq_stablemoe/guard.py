@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 # the MoE flags a checkpoint's weights and routing depend on (the translation model has per-side ones)
 MOE_SETTINGS = ["moe_experts", "moe_sublayers", "moe_layers", "moe_position", "moe_ffn_embed_dim", "moe_routing",
-                "hash_type", "stage1_assignment", "distilled_router", "distilled_dim", "distilled_router_layers",
-                "encoder_moe_layers",
+                "hash_type", "hash_table", "hash_gate", "stage2_gate", "stage1_assignment", "distilled_router",
+                "distilled_dim", "distilled_router_layers", "encoder_moe_layers",
                 "encoder_moe_position", "decoder_moe_layers", "decoder_moe_position"]
 
 

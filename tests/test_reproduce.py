@@ -145,3 +145,57 @@ def test_missing_data_names_the_flag(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(REPRODUCE, "table3.py"), "--quick", "--data",
                            str(tmp_path), "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "--data" in proc.stderr and "xx-en/" in proc.stderr
+
+
+def test_medium_mode_is_the_16x_model_of_issue_20(monkeypatch, tmp_path):
+    """--medium: 4 blocks of 128/512, 4 heads, 8 experts × 2, BPE 1,000, 16 × 128 tokens, 3,000 updates, stage 1
+    300, lr 2e-3 with 150 warm-up updates, eval on 100 lines, seeds 1–2; its own results folder."""
+    import lm
+
+    monkeypatch.setattr(sys, "argv", ["hash_gap.py", "--medium", "--out", str(tmp_path)])
+    repro = lm.setup("doc")
+    assert repro.scale is lm.MEDIUM and repro.out == os.path.join(str(tmp_path), "medium")
+    assert repro.seeds() == [1, 2] and repro.scale.vocab == 1000 and repro.scale.eval_lines == 100
+    flags = [str(f) for f in repro.train_flags(lm.STABLEMOE, "DATA", "SAVE")]
+    value = {flag: flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag.startswith("--")}
+    assert (value["--decoder-embed-dim"], value["--decoder-ffn-embed-dim"], value["--decoder-layers"],
+            value["--decoder-attention-heads"]) == ("128", "512", "4", "4")
+    assert (value["--moe-experts"], value["--moe-sublayers"], value["--batch-size"], value["--tokens-per-sample"]) \
+        == ("8", "2", "16", "128")
+    assert (value["--max-update"], value["--stage1-updates"], value["--lr"], value["--warmup-updates"]) == \
+        ("3000", "300", "0.002", "150")
+
+
+def test_medium_is_refused_by_translation(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(REPRODUCE, "table3.py"), "--medium", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "--medium is a language-model mode" in proc.stderr
+
+
+@pytest.mark.slow
+def test_hash_gap_reads_each_seed_stablemoe_table(tmp_path):
+    """hash_gap.py's path: the table-from-update-0 row waits for the same seed's StableMoE run and routes by the
+    table it froze; the report pairs them by seed and shows the gate (rows cut to those two, QUICK cut to 8
+    updates)."""
+    data = write_corpus(str(tmp_path / "text"), lines=(300, 40, 40))
+    driver = (f"import sys; sys.path.insert(0, {REPRODUCE!r}); from dataclasses import replace; import lm, hash_gap; "
+              f"lm.QUICK = replace(lm.QUICK, updates=8); hash_gap.ROWS = [hash_gap.TABLE_GATED, hash_gap.STABLEMOE]; "
+              f"sys.argv = ['hash_gap.py', '--quick', '--data', {data!r}, '--out', {str(tmp_path / 'out')!r}]; "
+              f"hash_gap.main()")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import torch
+
+    runs = tmp_path / "out" / "quick" / "runs"
+    source = torch.load(runs / "stablemoe-s1" / "checkpoint_last.pt", weights_only=True)["model"]
+    fresh = torch.load(runs / "stablemoe-table-from-update-0-gate-s1" / "checkpoint_last.pt", weights_only=True)
+    learned = [v for k, v in source.items() if k.endswith("distilled_router.table")][0]
+    used = [v for k, v in fresh["model"].items() if k.endswith("routing.table")][0]
+    assert torch.equal(learned, used) and learned.min() >= 0
+    report = open(tmp_path / "out" / "quick" / "hash_gap.md").read()
+    rows = {row.split("|")[1].strip(): row for row in table_rows(tmp_path / "out" / "quick" / "hash_gap.md")}
+    assert set(rows) == {"StableMoE", "StableMoE table from update 0 + gate"}
+    assert all(re.search(r"\| 1 \| 0\.\d\d \| 0\.\d\d \| [\d.]+ \|$", row) for row in rows.values())  # the gate
+    assert "StableMoE − StableMoE table from update 0 + gate = " in report

@@ -3,7 +3,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers import run_cli, tiny_lm_data, train_lm_args
 
-ROUTING_SCALARS = {"balance_loss", "distill_loss", "distill_acc", "load_cv", "unused_experts", "stage"}
+ROUTING_SCALARS = {"balance_loss", "distill_loss", "distill_acc", "load_cv", "unused_experts", "stage", "gate_mean",
+                   "gate_p10", "gate_below_0_1"}
 
 
 def scalars(logdir):

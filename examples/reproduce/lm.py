@@ -64,6 +64,13 @@ FULL = Scale(train_lines=0, eval_lines=500, curve_lines=100, vocab=4000, dim=64,
 LONG = Scale(train_lines=0, eval_lines=500, curve_lines=100, vocab=1000, dim=32, blocks=2, heads=4, experts=8,
              sublayers=2, tokens_per_sample=64, batch_size=8, updates=2000, curve_points=10, lr=3e-3, seeds=3,
              probe_interval=100, probe_tokens=2048, log_interval=25)
+# Medium mode (issue 20): 16x LONG's model on the same corpus, vocabulary and stage-1 share, to see whether the
+# long mode's ranking holds with size: 4 blocks of 128/512, 16 x 128 tokens per update, 3,000 updates (stage 1:
+# 300), lr 2e-3 with 150 warm-up updates; eval-lm on the first 100 lines of valid and test (about 0.46 s an
+# update, so ~25 min a run, on one idle core).
+MEDIUM = Scale(train_lines=0, eval_lines=100, curve_lines=100, vocab=1000, dim=128, blocks=4, heads=4, experts=8,
+               sublayers=2, tokens_per_sample=128, batch_size=16, updates=3000, curve_points=10, lr=2e-3, seeds=2,
+               probe_interval=300, probe_tokens=2048, log_interval=50)
 QUICK = Scale(train_lines=300, eval_lines=30, curve_lines=20, vocab=200, dim=32, blocks=2, heads=2, experts=4,
               sublayers=2, tokens_per_sample=32, batch_size=4, updates=20, curve_points=2, lr=3e-3, seeds=1,
               probe_interval=5, probe_tokens=256)
@@ -197,7 +204,7 @@ class LMReproduction:
         return os.path.exists(os.path.join(self.out, "runs", run.folder, "result.json"))
 
     def needs_freeze_report(self, run: Run) -> bool:
-        return self.scale is LONG and run.routing in ("stablemoe", "hash")
+        return (self.scale is LONG or self.scale is MEDIUM) and run.routing in ("stablemoe", "hash")
 
     def _train_and_score(self, run: Run, folder: str) -> dict:
         data = self.prepare()
@@ -353,12 +360,17 @@ def _model_size(checkpoint: str, routing: str, tokens: int) -> dict:
             "flops_per_sequence": counter.get_total_flops()}
 
 
-def setup(doc: str):
+def setup(doc: str, add_arguments=None):
+    """The entry point's reproduction from its command line; add_arguments(parser) adds the entry point's own."""
     from common import out_dir, parser
 
-    args = parser(doc, DEFAULT_DATA).parse_args()
-    return LMReproduction(args, QUICK if args.quick else LONG if args.long else FULL, out_dir(args))
+    p = parser(doc, DEFAULT_DATA)
+    if add_arguments:
+        add_arguments(p)
+    args = p.parse_args()
+    scale = QUICK if args.quick else LONG if args.long else MEDIUM if getattr(args, "medium", False) else FULL
+    return LMReproduction(args, scale, out_dir(args))
 
 
-__all__ = ["LMReproduction", "Run", "Scale", "FULL", "LONG", "QUICK", "TABLE2", "TABLE2_LONG", "STABLEMOE",
+__all__ = ["LMReproduction", "Run", "Scale", "FULL", "LONG", "MEDIUM", "QUICK", "TABLE2", "TABLE2_LONG", "STABLEMOE",
            "BASE_FIXED", "moe", "standard", "setup", "ROOT"]

@@ -166,6 +166,8 @@ def run_folder(out, name) -> str:
 
 def main():
     args = parser(__doc__, os.path.join(SHARED, "mt")).parse_args()
+    if args.medium:
+        sys.exit("--medium is a language-model mode (lm.MEDIUM); translation has --quick and --long")
     scale, out = (QUICK if args.quick else LONG if args.long else FULL), out_dir(args)
     rows = {name: ROWS[name] for name in LONG_ROWS} if args.long else ROWS
     missing = [lang for lang in scale.langs if not os.path.isdir(os.path.join(args.data, f"{lang}-en"))]

@@ -6,7 +6,7 @@ from typing import Dict
 import torch
 from fairseq import metrics, utils
 
-from ..moe import moe_layers
+from ..moe import gate_stats, moe_layers
 
 
 def load_spread(load: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -23,7 +23,8 @@ PER_LAYER = ("tokens", "distill_agree", "load_cv", "unused_experts", "forwards")
 def collect_moe_aux(model, net_output) -> Dict[str, torch.Tensor]:
     """The losses and token statistics of every MoE layer that ran in this forward (the model returns them in its
     output's extra, "moe_aux"), summed over layers; with several MoE layers also each layer's own (`{i}:<key>`,
-    i = the layer's place in the model), and at validation each layer's load per expert (`expert_load`).
+    i = the layer's place in the model), at validation each layer's load per expert (`expert_load`), and each
+    layer's gate statistics (`gate`: a row of moe.gate_stats per layer, zeros for a layer without a soft gate).
 
     Every layer has its keys in every batch, also when --*-layerdrop skipped it: ranks sum them key by key."""
     ran = net_output[1].get("moe_aux", {})
@@ -33,9 +34,14 @@ def collect_moe_aux(model, net_output) -> Dict[str, torch.Tensor]:
         total[key] = torch.zeros((), dtype=torch.long)
     if any(not layer.routing.dense for layer in layers):  # every batch has the load keys (layerdrop may skip)
         total.update({key: torch.zeros(()) for key in ("load_max_over_mean", "load_cv", "unused_experts")})
+        device = next(layers[0].parameters()).device  # the gates' own: no host sync per forward
+        total["gate"] = torch.zeros(len(layers), gate_stats.ROW, dtype=torch.float64, device=device)
     stages = []
     for i, layer in enumerate(layers):
         aux = dict(ran.get(layer, {}))
+        gate = aux.pop("gate", None)
+        if gate is not None:
+            total["gate"][i] = gate
         load = aux.pop("load", None)
         if load is not None:
             aux.update(load_spread(load))
@@ -152,6 +158,28 @@ class MoEAuxLossMixin:
             layer += 1
         if "moe_expert_load" in logging_outputs[0]:
             metrics.log_scalar_sum("_moe_expert_load", sum(log["moe_expert_load"] for log in logging_outputs))
+        if "moe_gate" in logging_outputs[0]:
+            log_gate_metrics(sum(log["moe_gate"] for log in logging_outputs))
+
+
+GATE_METRICS = {"gate_mean": "mean", "gate_p10": "p10", "gate_below_0_1": "below_0.1"}
+
+
+def log_gate_metrics(rows: torch.Tensor) -> None:
+    """gate_mean, gate_p10, gate_below_0_1 over all MoE layers' soft gates, read from the rows summed over the
+    log interval or validation (a percentile does not average over batches). None in an interval without gates
+    (e.g. stage 2 under --stage2-gate one)."""
+    if float(rows[:, 2:].sum()) == 0:
+        return
+    metrics.log_scalar_sum("_moe_gate", rows)
+    for name, key in GATE_METRICS.items():
+        metrics.log_derived(name, lambda meters, key=key: gate_metric(meters, key))
+
+
+def gate_metric(meters, key: str):
+    rows = meters["_moe_gate"].sum if "_moe_gate" in meters else None
+    found = gate_stats.summary(rows) if torch.is_tensor(rows) else None  # a reset meter's sum is 0
+    return None if found is None else round(found[key], 4)
 
 
 def log_layer_metrics(prefix: str, total, has) -> None:

@@ -13,7 +13,9 @@ MOE_POSITIONS = ChoiceEnum(["middle", "top", "bottom", "scattered"])
 EXPERT_PARALLEL_MODES = ChoiceEnum(["auto", "on", "off"])
 MOE_ROUTINGS = ChoiceEnum(list(ROUTINGS))
 DISTILLED_ROUTER_TYPES = ChoiceEnum(list(DISTILLED_ROUTERS))
-HASH_TYPES = ChoiceEnum(["balanced", "random"])
+HASH_TYPES = ChoiceEnum(["balanced", "random", "file"])
+HASH_GATES = ChoiceEnum(["none", "sigmoid"])
+STAGE2_GATES = ChoiceEnum(["sigmoid", "one"])
 STAGE1_ASSIGNMENTS = ChoiceEnum(["greedy", "balanced"])
 
 
@@ -31,7 +33,20 @@ class MoELayerConfig(FairseqDataclass):
                           "(all experts' parameters in one stack: --moe-experts × the sublayers / FFN size)"})
     hash_type: HASH_TYPES = field(
         default="balanced", metadata={"help": "--moe-routing hash: token -> expert table balanced by the training "
-                                              "data's token frequencies (Hash Layers), or seeded random"})
+                                              "data's token frequencies (Hash Layers), seeded random, or file: "
+                                              "the frozen routing table of a StableMoE checkpoint (--hash-table)"})
+    hash_table: Optional[str] = field(
+        default=None, metadata={"help": "--hash-type file: a StableMoE checkpoint written in stage 2 with "
+                                        "--distilled-router wordemb and the same dictionary; its token -> expert "
+                                        "table routes from update 0 (an ablation beyond the paper)"})
+    hash_gate: HASH_GATES = field(
+        default="none", metadata={"help": "--moe-routing hash: none (Hash Layers: the expert's output as is), or "
+                                          "sigmoid: StableMoE's gate σ(E_e·h) on the table's expert e, with learned "
+                                          "centroids E (an ablation beyond the paper)"})
+    stage2_gate: STAGE2_GATES = field(
+        default="sigmoid", metadata={"help": "StableMoE's gate in stage 2 and inference: sigmoid (the paper's "
+                                             "Eq. 14, σ(E_â·h)) or one (the expert's output as is; an ablation "
+                                             "beyond the paper). Stage 1 keeps σ, which its balance loss needs"})
     stage1_assignment: STAGE1_ASSIGNMENTS = field(
         default="greedy", metadata={"help": "StableMoE stage-1 assignment: greedy (the paper's Eq. 6), or BASE "
                                             "layers' balanced assignment with no balance loss (the 'BASE Layer + "
@@ -123,6 +138,8 @@ def validate_moe_layer_config(cfg):
     for flag, value, known in (("--distilled-router", cfg.distilled_router, DISTILLED_ROUTERS),
                                ("--moe-routing", cfg.moe_routing, ROUTINGS),
                                ("--hash-type", cfg.hash_type, HASH_TYPES),
+                               ("--hash-gate", getattr(cfg, "hash_gate", "none"), HASH_GATES),
+                               ("--stage2-gate", getattr(cfg, "stage2_gate", "sigmoid"), STAGE2_GATES),
                                ("--stage1-assignment", cfg.stage1_assignment, STAGE1_ASSIGNMENTS),
                                ("--moe-expert-parallel", getattr(cfg, "moe_expert_parallel", "auto"),
                                 EXPERT_PARALLEL_MODES)):
@@ -133,4 +150,22 @@ def validate_moe_layer_config(cfg):
              f"stablemoe (for BASE layers themselves use --moe-routing base)")
     if str(cfg.hash_type) != "balanced" and routing != "hash":
         fail(f"--hash-type {cfg.hash_type} applies to --moe-routing hash only (got --moe-routing {routing})")
+    validate_ablation_flags(cfg, routing)
 
+
+def validate_ablation_flags(cfg, routing: str):
+    """The gate and table ablations (configs saved before these flags lack them: their defaults)."""
+    hash_gate, stage2_gate = str(getattr(cfg, "hash_gate", "none")), str(getattr(cfg, "stage2_gate", "sigmoid"))
+    table = getattr(cfg, "hash_table", None)
+    if hash_gate != "none" and routing != "hash":
+        fail(f"--hash-gate {hash_gate} applies to --moe-routing hash only (got --moe-routing {routing}); "
+             f"StableMoE's own gate is --stage2-gate")
+    if stage2_gate != "sigmoid" and routing != "stablemoe":
+        fail(f"--stage2-gate {stage2_gate} applies to --moe-routing stablemoe only (got --moe-routing {routing}); "
+             f"for Hash layers use --hash-gate")
+    if str(cfg.hash_type) == "file" and not table:
+        fail("--hash-type file routes by the table of a StableMoE checkpoint: add --hash-table PATH (a "
+             "checkpoint_last.pt written in stage 2)")
+    if table and str(cfg.hash_type) != "file":
+        fail(f"--hash-table {table} is read only with --hash-type file (got --hash-type {cfg.hash_type}); add "
+             f"--hash-type file or drop --hash-table")

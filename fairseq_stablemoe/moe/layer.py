@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from .dispatch import LocalDispatcher
 from .experts import Experts
+from .gate_stats import gate_row
 from .routing import Routing, TokenView
 
 
@@ -120,6 +121,8 @@ class MoELayer(nn.Module):
             "tokens": h.new_tensor(h.size(0), dtype=torch.long),
             "dropped": dropped,
         }
+        if routing.gate is not None:  # its distribution: what a closing gate does to the experts (issue 20)
+            aux["gate"] = gate_row(routing.gate)
         if inverse is None:  # dropped tokens pass through unchanged
             return h.index_copy(0, order, y_sorted), aux
         return _Permute.apply(y_sorted, inverse, order), aux

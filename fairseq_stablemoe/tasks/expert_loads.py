@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 
 from ..atomic import atomic_open, move_aside
+from ..moe import gate_stats
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +17,10 @@ FORMAT = "fairseq_stablemoe.expert_loads/1"
 
 
 def load_expert_loads(path: str) -> dict:
-    """{format, layers: [name], num_experts: [N], validations: [{update, subset, load: [[tokens per expert]]}]};
-    subset is the validation subset's place in --valid-subset."""
+    """{format, layers: [name], num_experts: [N], validations: [{update, subset, load: [[tokens per expert]],
+    gate: [{mean, p10, below_0.1} or null per layer]}]}; subset is the validation subset's place in --valid-subset;
+    gate (its mean, 10th percentile and share below 0.1, moe/gate_stats.py) is null for a layer without a soft
+    gate, and absent from records written before it was logged."""
     if os.path.isdir(path):
         path = os.path.join(path, EXPERT_LOADS_FILE)
     if not os.path.exists(path):
@@ -38,13 +41,16 @@ class ExpertLoadRecord:
         self.path = os.path.join(save_dir, EXPERT_LOADS_FILE)
         self.record: Optional[dict] = None
 
-    def add(self, update: int, subset: int, layers: List[str], num_experts: List[int], load: torch.Tensor):
+    def add(self, update: int, subset: int, layers: List[str], num_experts: List[int], load: torch.Tensor,
+            gate: Optional[torch.Tensor] = None):
+        """load: layers x N tokens per expert; gate: layers x gate_stats.ROW summed rows (None: no soft gate)."""
         if self.record is None:
             self.record = self._continued(update, layers, num_experts)
-        self.record["validations"].append({
-            "update": update, "subset": subset,
-            "load": [row[:n].tolist() for row, n in zip(load.long(), num_experts)],
-        })
+        validation = {"update": update, "subset": subset,
+                      "load": [row[:n].tolist() for row, n in zip(load.long(), num_experts)]}
+        if torch.is_tensor(gate):
+            validation["gate"] = [gate_stats.summary(row) for row in gate.cpu()]
+        self.record["validations"].append(validation)
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             with atomic_open(self.path, "w") as f:

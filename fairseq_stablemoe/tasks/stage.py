@@ -210,8 +210,9 @@ class StageSwitchingTask:
             self._expert_loads = ExpertLoadRecord(save_dir)
         layers = set(moe_layers(model))
         named = [(name, m) for name, m in model.named_modules() if m in layers]
+        gate = agg["_moe_gate"].sum if "_moe_gate" in agg else None  # absent: no layer has a soft gate
         self._expert_loads.add(update, subset, [name for name, _ in named], [m.num_experts for _, m in named],
-                               agg["_moe_expert_load"].sum)
+                               agg["_moe_expert_load"].sum, gate)
 
     def _end_stage1_when_settled(self, model, update_num: int, probes):
         routings = auto_staged_routings(model)

@@ -3,15 +3,21 @@ table, no gate, no balance loss.
 
 `balanced` (Hash Layers' frequency-balanced hash): built once before training from the training data's
 token counts (the fairseq dictionary's), taking the most frequent tokens first, each to the expert with the
-fewest tokens so far. `random`: a seeded uniform map. Either way the table is a buffer, so the checkpoint
-carries it and evaluation routes exactly as training did.
+fewest tokens so far. `random`: a seeded uniform map. `file` (an ablation beyond the paper): the table a
+StableMoE run froze at its switch to stage 2, read from its checkpoint, so that a fresh run routes by it from
+update 0. Whatever its source, the table is a buffer, so the checkpoint carries it and evaluation routes exactly
+as training did.
+
+--hash-gate sigmoid (beyond the paper): StableMoE's stage-2 gate on the table's expert e, h + σ(E_e·h)·FFN_e(h),
+with centroids E learned through the gate alone. With --hash-type file it is StableMoE's stage 2 from update 0.
 """
 import heapq
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 
-from .base import Routing, RoutingStrategy, TokenView, Vocabulary, expert_load
+from .base import Routing, RoutingStrategy, TokenView, Vocabulary, chosen_affinity, expert_load
 
 
 def balanced_hash(token_counts: Sequence[int], num_experts: int) -> torch.Tensor:
@@ -31,21 +37,33 @@ def random_hash(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
 class HashRouting(RoutingStrategy):
     vocab_tables = {"table": "hash table"}
 
-    def __init__(self, table: torch.Tensor, num_experts: int):
+    def __init__(self, table: torch.Tensor, num_experts: int, dim: int = 0, gated: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.register_buffer("table", table)
+        # E of StableMoE's gate: initialised as StableMoE's centroids are
+        self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, dim), gain=0.1)) if gated \
+            else None
 
     @classmethod
     def build(cls, cfg, dim: int, vocab: Vocabulary) -> "HashRouting":
+        gated = str(getattr(cfg, "hash_gate", "none")) == "sigmoid"
+        return cls(cls.build_table(cfg, vocab), cfg.moe_experts, dim, gated)
+
+    @staticmethod
+    def build_table(cfg, vocab: Vocabulary) -> torch.Tensor:
         vocab_size, token_counts = vocab.size, vocab.counts
         if str(cfg.hash_type) == "random":
-            return cls(random_hash(vocab_size, cfg.moe_experts, getattr(cfg, "seed", 1)), cfg.moe_experts)
+            return random_hash(vocab_size, cfg.moe_experts, getattr(cfg, "seed", 1))
+        if str(cfg.hash_type) == "file":
+            from .table_file import read_routing_table
+
+            return read_routing_table(cfg.hash_table, vocab_size, cfg.moe_experts)
         if token_counts is None or len(token_counts) != vocab_size:
             raise ValueError(
                 f"--hash-type balanced needs the training data's count of each of the dictionary's {vocab_size} "
                 f"tokens (a dict.txt written by fairseq-preprocess); use --hash-type random otherwise")
-        return cls(balanced_hash(token_counts, cfg.moe_experts), cfg.moe_experts)
+        return balanced_hash(token_counts, cfg.moe_experts)
 
     @torch.no_grad()
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
@@ -53,5 +71,7 @@ class HashRouting(RoutingStrategy):
 
     def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
         expert = self.decide(h, tokens)
-        return Routing(expert=expert, gate=None,
+        # --hash-gate sigmoid: StableMoE's Eq. 14 on the table's expert
+        gate = None if self.centroids is None else torch.sigmoid(chosen_affinity(h, self.centroids, expert)[0])
+        return Routing(expert=expert, gate=gate,
                        stats={"load": expert_load(expert, self.num_experts, global_=self.training)})

@@ -16,6 +16,9 @@ Inference (and validation, in either stage) routes as in stage 2.
 Ablation "BASE Layer + fixed routing" (paper Table 5), --stage1-assignment balanced: stage 1 assigns by BASE
 layers' balanced assignment instead of (6), has no balance loss (8) (balanced by construction) and distils
 that assignment by (10); stage 2 is unchanged.
+
+Ablation beyond the paper, --stage2-gate one: stage 2 (and inference) computes h'_t = h_t + FFN_{â_t}(h_t), with
+no gate; stage 1 keeps (7), whose σ the balance loss (8) needs.
 """
 from typing import Optional
 
@@ -55,8 +58,9 @@ class StableMoERouting(CentroidRouting):
     vocab_tables = {"distilled_router.embed.weight": "distilled router"}
 
     def __init__(self, dim: int, num_experts: int, distilled_router: DistilledRouter,
-                 stage1_updates: Optional[int], stage1_assignment: str = "greedy"):
+                 stage1_updates: Optional[int], stage1_assignment: str = "greedy", stage2_gate: str = "sigmoid"):
         super().__init__(dim, num_experts)  # E
+        self.stage2_gated = stage2_gate == "sigmoid"
         self.stage1_updates = stage1_updates  # None: stage 1 ends only when end_stage1 is called
         self.balanced_stage1 = stage1_assignment == "balanced"
         self.distilled_router = distilled_router
@@ -68,7 +72,8 @@ class StableMoERouting(CentroidRouting):
     @classmethod
     def build(cls, cfg, dim: int, vocab: Vocabulary) -> "StableMoERouting":
         router = build_distilled_router(cfg, vocab.size, vocab.padding_idx)
-        return cls(dim, cfg.moe_experts, router, stage1_schedule(cfg.stage1_updates), str(cfg.stage1_assignment))
+        return cls(dim, cfg.moe_experts, router, stage1_schedule(cfg.stage1_updates), str(cfg.stage1_assignment),
+                   str(getattr(cfg, "stage2_gate", "sigmoid")))
 
     def set_num_updates(self, num_updates: int):
         """fairseq's update count: stage 1 ends once `num_updates` updates are done (--stage1-updates)."""
@@ -123,9 +128,13 @@ class StableMoERouting(CentroidRouting):
             # no gradient, so no optimizer (momentum included) moves it; the optimizer already holds it
             self.distilled_router.freeze()
         a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))  # (12, 13)
-        # (14) differentiates s_{t,â_t} only; s (5) comes without autograd, for the logged agreement
-        s_chosen, s = chosen_affinity(h, self.centroids, a_hat)
-        gate = torch.sigmoid(s_chosen)  # (14)
+        if self.stage2_gated:
+            # (14) differentiates s_{t,â_t} only; s (5) comes without autograd, for the logged agreement
+            s_chosen, s = chosen_affinity(h, self.centroids, a_hat)
+            gate = torch.sigmoid(s_chosen)  # (14)
+        else:  # --stage2-gate one
+            with torch.no_grad():
+                s, gate = affinities(h, self.centroids), None
         agree = (a_hat == s.argmax(-1)).sum()  # logged: how often the frozen router still picks (6)'s expert
         load, counts = load_and_counts(a_hat, self.num_experts, global_=self.training)
         return Routing(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree},
