@@ -117,6 +117,14 @@ def test_quick_translation_table(tmp_path):
         "Standard Transformer", "Larger Transformer", "Switch Transformer", "BASE Layer", "Hash Layer", "StableMoE"]
 
 
+def run_driver(driver: str):
+    """`python -c driver` with this checkout's plugin first on the path; it must succeed."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_long_translation_report_on_a_tiny_scale(tmp_path):
     """table3.py --long's path (X→En only, a checkpoint scored every interval, the report) with LONG shrunk."""
@@ -126,9 +134,7 @@ def test_long_translation_report_on_a_tiny_scale(tmp_path):
               f"table3.LONG = replace(table3.QUICK, x2en_only=True, curve_interval=5, curve_langs=('xx',)); "
               f"sys.argv = ['table3.py', '--long', '--data', {str(data)!r}, '--out', {str(tmp_path / 'out')!r}]; "
               f"table3.main()")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_driver(driver)
     report = open(tmp_path / "out" / "long" / "table3.md").read()
     assert [row.split("|")[1].strip() for row in table_rows(tmp_path / "out" / "long" / "table3.md")][:2] == [
         "Standard Transformer", "StableMoE"]
@@ -183,9 +189,7 @@ def test_hash_gap_reads_each_seed_stablemoe_table(tmp_path):
               f"lm.QUICK = replace(lm.QUICK, updates=8); hash_gap.ROWS = [hash_gap.TABLE_GATED, hash_gap.STABLEMOE]; "
               f"sys.argv = ['hash_gap.py', '--quick', '--data', {data!r}, '--out', {str(tmp_path / 'out')!r}]; "
               f"hash_gap.main()")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_driver(driver)
     import torch
 
     runs = tmp_path / "out" / "quick" / "runs"
