@@ -7,13 +7,14 @@ projection is one (E, out, in) tensor, experts leading, and one expert's matrix 
 
 `ExpertBank` is one autograd Function over the whole bank. Its backward writes each expert's weight gradient
 straight into that expert's slice of one gradient tensor per parameter (`torch.mm(..., out=...)`): no per-expert
-gradients stacked by autograd (an `unbind` of the parameters costs a gather of every gradient, twice when nested).
-It saves what autograd would (the sublayer's input and normalised input, and the activation's input or output),
-so a step's memory is no higher than with one module per expert.
+gradients stacked by autograd (an `unbind` of the parameters gathers every gradient once more, twice when
+nested). It saves what autograd would for one module per expert (each sublayer's input, LayerNorm output and
+activation) and releases each expert's as soon as its backward has used them.
 
-The matrix products are `Products`: `LoopProducts` runs one multiply per non-empty expert (CPU, where it measured
-fastest), `GroupedProducts` one grouped GEMM per projection for all experts. Everything else (LayerNorm, the
-affine, biases, activation and their gradients) is this file's one code path, shared by both.
+Two classes supply the products and the LayerNorm: `LoopProducts` takes one expert at a time through all its
+sublayers (CPU, where it is the fastest: its rows stay in cache between a product and the next elementwise op),
+`GroupedProducts` all experts at once, one grouped GEMM per projection. The sublayer itself (`sublayer`,
+`sublayer_backward`: biases, activation, residual, and the order of the gradients) is written once, for both.
 """
 from typing import List, Sequence, Tuple
 
@@ -30,8 +31,7 @@ def grouped_mm_function():
 
 
 class LoopProducts:
-    """One expert at a time, all its sublayers on its rows: a slice of rows stays in cache from one product to
-    the next elementwise op (the whole batch's n x 4d activations do not fit; measured 25 % slower that way)."""
+    """One expert at a time, all its sublayers on its rows, with fairseq's fused LayerNorm on its weights."""
 
     def __init__(self, counts: Sequence[int]):
         ends = torch.tensor(list(counts)).cumsum(0).tolist()
@@ -177,9 +177,8 @@ class GradientMemory:
     """Where the bank's backward writes each parameter's gradient on CPU: the memory of the previous step's
     gradient when nobody holds it any more (fairseq sets .grad to None after each update), else fresh memory.
 
-    glibc serves a tensor over 32 MB by a fresh mmap every time, and faulting its pages in costs about twice
-    writing them: for a bank of N 32, d 512 (770 MB of gradients) about 0.2 s a step, which one module per expert
-    (4 MB gradients, recycled by malloc) never paid. Reuse is safe: a gradient still referenced by anything (the
+    glibc serves a tensor over 32 MB by a fresh mmap every time, and faulting its pages in costs more than writing
+    them (benchmarks/README.md), which one module per expert (small gradients, recycled by malloc) never paid. Reuse is safe: a gradient still referenced by anything (the
     parameter's .grad while gradients accumulate, a user's variable) keeps its storage's use count up, and then
     fresh memory is taken. The memory stays held between steps, as malloc holds the freed per-expert gradients.
     """
