@@ -16,6 +16,7 @@ sublayers (CPU, where it is the fastest: its rows stay in cache between a produc
 `GroupedProducts` all experts at once, one grouped GEMM per projection. The sublayer itself (`sublayer`,
 `sublayer_backward`: biases, activation, residual, and the order of the gradients) is written once, for both.
 """
+import itertools
 from typing import List, Sequence, Tuple
 
 import torch
@@ -34,7 +35,7 @@ class LoopProducts:
     """One expert at a time, all its sublayers on its rows, with fairseq's fused LayerNorm on its weights."""
 
     def __init__(self, counts: Sequence[int]):
-        ends = torch.tensor(list(counts)).cumsum(0).tolist()
+        ends = list(itertools.accumulate(counts))  # host ints: no tensor round trip per forward
         self.segments = [(j, end - n, end) for j, (n, end) in enumerate(zip(counts, ends)) if n > 0]
         self.empty = [j for j, n in enumerate(counts) if n == 0]
 
