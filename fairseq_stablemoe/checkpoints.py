@@ -41,6 +41,7 @@ from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
 
 from .atomic import move_aside
+from .moe.config import option
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def refuse_bad_router_tables(state: dict, path: str) -> None:
     name experts the model has (-1: not built yet); anything else would end in an index error mid-evaluation."""
     stored = stored_config(state)
     cfg = stored.get("model") if hasattr(stored, "get") else None
-    experts = cfg.get("moe_experts") if hasattr(cfg, "get") else getattr(cfg, "moe_experts", None)
+    experts = option(cfg, "moe_experts")
     if not experts:
         return
     for name, table in (state.get("model") or {}).items():

@@ -12,6 +12,8 @@ import logging
 import os
 from typing import Dict, Optional
 
+from .moe.config import option, task_config
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,13 +26,13 @@ def fingerprint(dictionary) -> str:
 def task_dictionaries(task) -> Dict[str, tuple]:
     """{file name: (path, dictionary)} of the task's dictionaries as fairseq-preprocess names them; {} for a task
     without a data directory (a model built by hand)."""
-    cfg = getattr(task, "args", None) or getattr(task, "cfg", None)
-    data = getattr(cfg, "data", None)
+    cfg = task_config(task)
+    data = option(cfg, "data")
     if not isinstance(data, str):
         return {}
     data = data.split(os.pathsep)[0]
     if getattr(task, "dicts", None):  # translation_multi_simple_epoch: one per language
-        fixed = getattr(cfg, "fixed_dictionary", None)
+        fixed = option(cfg, "fixed_dictionary")
         return {f"dict.{lang}.txt": (fixed or os.path.join(data, f"dict.{lang}.txt"), d)
                 for lang, d in task.dicts.items()}
     return {"dict.txt": (os.path.join(data, "dict.txt"), task.source_dictionary or task.target_dictionary)}

@@ -4,6 +4,8 @@ seconds and then every WAIT_WARNING_S, who is waiting for whom and what to check
 import logging
 import threading
 
+from .moe.config import option
+
 logger = logging.getLogger(__name__)
 
 WAIT_WARNING_S = 60.0
@@ -24,9 +26,9 @@ def install() -> None:
         return
 
     def distributed_init(cfg):
-        dt = getattr(cfg, "distributed_training", cfg)
-        world, rank = getattr(dt, "distributed_world_size", 1), getattr(dt, "distributed_rank", 0)
-        method = getattr(dt, "distributed_init_method", None)
+        dt = option(cfg, "distributed_training", cfg)
+        world, rank = option(dt, "distributed_world_size", 1), option(dt, "distributed_rank", 0)
+        method = option(dt, "distributed_init_method")
         done = threading.Event()
 
         def watch():

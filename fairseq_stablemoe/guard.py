@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from .checkpoints import check_checkpoint, prepare_resume
 from .dictionaries import check_fingerprints, task_fingerprints
-from .moe import comm
+from .moe import MoESettings, comm
+from .moe.config import flag, option, task_option
 from .run_lock import lock_save_dir
 from .safe_config import refuse_evaluated_code
 
@@ -29,35 +30,24 @@ MOE_SETTINGS = ["moe_experts", "moe_sublayers", "moe_layers", "moe_position", "m
                 "encoder_moe_position", "decoder_moe_layers", "decoder_moe_position"]
 
 
-def _get(cfg, name, default=None):
-    if cfg is None:
-        return default
-    value = cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
-    return default if value is None else value
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def expert_parameters(cfg, world: int = 1) -> Tuple[int, int]:
     """(expert parameters per process, the layers' other parameters: attention, dense FFNs, layer norms) of the
     model `cfg` describes; the embeddings are left out (the dictionary is not known here)."""
-    experts, sublayers = int(_get(cfg, "moe_experts", 0)), int(_get(cfg, "moe_sublayers", 0))
-    if str(_get(cfg, "moe_expert_parallel", "auto")) != "off" and world > 1 and experts % world == 0:
-        experts //= world
+    settings = moe_settings(cfg)
     total, dense = 0, 0
-    translation = _get(cfg, "encoder_moe_layers") is not None
-    stacks = (("encoder", "encoder_moe_layers"), ("decoder", "decoder_moe_layers")) if translation else (
-        ("decoder", "moe_layers"),)
-    for side, layers_flag in stacks:
-        layers = int(_get(cfg, layers_flag, 0))
-        dim = int(_get(cfg, f"{side}_embed_dim", 0))
-        ffn = int(_get(cfg, "moe_ffn_embed_dim", 0)) or int(_get(cfg, f"{side}_ffn_embed_dim", 0))
-        total += layers * experts * sublayers * (2 * dim * ffn + ffn + 3 * dim)  # LN, two linear layers
-        blocks = int(_get(cfg, f"{side}_layers", 0) or 0)
-        dense += blocks * (4 * dim * dim + 2 * dim * int(_get(cfg, f"{side}_ffn_embed_dim", 0) or 0))
+    for placement in settings.placements if settings else ():
+        side = placement.side
+        dim, model_ffn = int(option(cfg, f"{side}_embed_dim", 0)), int(option(cfg, f"{side}_ffn_embed_dim", 0))
+        experts, ffn, sublayers = settings.expert_layout(model_ffn)
+        experts //= settings.expert_parallel_world(world)
+        total += placement.layers * experts * sublayers * (2 * dim * ffn + ffn + 3 * dim)  # LN, two linear layers
+        dense += int(option(cfg, f"{side}_layers", 0)) * (4 * dim * dim + 2 * dim * model_ffn)
     return total, dense
+
+
+def moe_settings(cfg) -> Optional[MoESettings]:
+    """The MoE settings of a model config; None for a model without MoE layers (e.g. fairseq's transformer_lm)."""
+    return MoESettings.of(cfg) if option(cfg, "moe_experts") is not None else None
 
 
 def available_memory(on_gpu: bool) -> float:
@@ -74,21 +64,16 @@ def available_memory(on_gpu: bool) -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def _on_gpu(cfg) -> bool:
-    return torch.cuda.is_available() and not _get(cfg, "cpu", False)
-
-
 def moe_memory_check(cfg, world: int = 1) -> None:
     """Estimate the experts' fp32 weights per process before building them; refuse what cannot fit."""
     total, _ = expert_parameters(cfg, world)
-    sublayers = int(_get(cfg, "moe_sublayers", 0))
     gigabytes = total * 4 / 1e9
-    on_gpu = _on_gpu(cfg)
+    on_gpu = torch.cuda.is_available() and not option(cfg, "cpu", False)
     memory = (torch.cuda.get_device_properties(0).total_memory if on_gpu
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 1e9
     if gigabytes > memory:
         raise ValueError(
-            f"--moe-experts {_get(cfg, 'moe_experts')} × --moe-sublayers {sublayers} makes {total / 1e9:.1f}B expert "
+            f"--moe-experts {option(cfg, 'moe_experts')} × --moe-sublayers {option(cfg, 'moe_sublayers')} makes {total / 1e9:.1f}B expert "
             f"parameters per process, {gigabytes:.1f} GB in fp32 (weights alone), more than this "
             f"{'GPU' if on_gpu else 'machine'}'s {memory:.1f} GB: lower --moe-experts, --moe-sublayers or "
             f"--moe-ffn-embed-dim, or shard the experts over more processes")
@@ -102,10 +87,10 @@ def training_memory_check(task, cfg, world: int = 1) -> None:
     weights, grads, moments = 4 * params, 4 * params, 8 * params
     tokens = int(task_option(task, "max_tokens", 0) or 0) or \
         int(task_option(task, "batch_size", 0) or 0) * int(task_option(task, "tokens_per_sample", 0) or 0)
-    dims = [int(_get(cfg, f"{side}_embed_dim", 0) or 0) for side in ("encoder", "decoder")]
-    ffns = [int(_get(cfg, "moe_ffn_embed_dim", 0) or 0) or int(_get(cfg, f"{side}_ffn_embed_dim", 0) or 0)
+    dims = [int(option(cfg, f"{side}_embed_dim", 0) or 0) for side in ("encoder", "decoder")]
+    ffns = [int(option(cfg, "moe_ffn_embed_dim", 0) or 0) or int(option(cfg, f"{side}_ffn_embed_dim", 0) or 0)
             for side in ("encoder", "decoder")]
-    blocks = sum(int(_get(cfg, f"{side}_layers", 0) or 0) for side in ("encoder", "decoder"))
+    blocks = sum(int(option(cfg, f"{side}_layers", 0) or 0) for side in ("encoder", "decoder"))
     # per token and block: ~16 vectors of the model's width and 2 of the FFN's kept for the backward pass (fp32)
     activations = 4 * tokens * max(blocks, 1) * (16 * max(dims) + 2 * max(ffns))
     needed = weights + grads + moments + activations
@@ -129,26 +114,13 @@ def check_model_config(cfg, task=None) -> None:
     """Before a model is built from `cfg` (a checkpoint's, or the command line's) for `task`'s data."""
     refuse_evaluated_code(cfg, "model")
     moe_memory_check(cfg, comm.world_size())
-    sublayers = int(_get(cfg, "moe_sublayers", 0) or 0)
+    sublayers = int(option(cfg, "moe_sublayers", 0) or 0)
     if sublayers > DEEP_EXPERTS:
         logger.warning(f"--moe-sublayers {sublayers}: every expert is a stack of {sublayers} FFN sublayers run one "
                        f"after another, so building the model and each forward pass take long (minutes at 100000); "
                        f"the default is 3")
     if task is not None:
-        check_fingerprints(task, _get(cfg, "dictionary_fingerprints"))
-
-
-def task_option(task, name, default=None):
-    """A training option as our tasks see it: in the task's dataclass config (which interpolates fairseq's
-    top-level options) or, for fairseq's argparse tasks, in its args."""
-    for cfg in (getattr(task, "cfg", None), getattr(task, "args", None)):
-        try:
-            value = getattr(cfg, name, None) if cfg is not None else None
-        except Exception:  # an interpolation a config loaded from a checkpoint cannot resolve
-            value = None
-        if value is not None:
-            return value
-    return default
+        check_fingerprints(task, option(cfg, "dictionary_fingerprints"))
 
 
 class GuardedTask:
@@ -170,8 +142,11 @@ class GuardedTask:
 
 
 def warn_unusable_experts(cfg, vocab: int) -> None:
-    routing, experts = str(_get(cfg, "moe_routing", "stablemoe")), int(_get(cfg, "moe_experts", 0))
-    by_token = routing == "hash" or (routing == "stablemoe" and str(_get(cfg, "distilled_router")) == "wordemb")
+    settings = moe_settings(cfg)
+    if settings is None:
+        return
+    routing, experts = settings.moe_routing, settings.moe_experts
+    by_token = routing == "hash" or (routing == "stablemoe" and settings.distilled_router == "wordemb")
     if by_token and experts > vocab:
         logger.warning(f"--moe-experts {experts} is more than the dictionary's {vocab} entries: --moe-routing "
                        f"{routing} sends each token id to one fixed expert (in stage 2), so at most {vocab} experts "
@@ -257,9 +232,9 @@ def guard_training(task, cfg) -> None:
     refuse_evaluated_code(saved, "")
     if kind == "resume":
         refuse_finished_run(task, state, path)
-        compare_moe_settings(_get(saved, "model"), cfg, path)
+        compare_moe_settings(option(saved, "model"), cfg, path)
         check_world_size(task, saved, path)
-    check_fingerprints(task, _get(_get(saved, "model"), "dictionary_fingerprints"), path)
+    check_fingerprints(task, option(option(saved, "model"), "dictionary_fingerprints"), path)
 
 
 def refuse_finished_run(task, state: dict, path: str) -> None:
@@ -274,19 +249,19 @@ def refuse_finished_run(task, state: dict, path: str) -> None:
 
 def _setting(cfg, name):
     """A MoE flag's value as the model uses it: --moe-ffn-embed-dim 0 stands for the model's FFN size."""
-    value = _get(cfg, name)
+    value = option(cfg, name)
     if name == "moe_ffn_embed_dim" and value is not None and int(value) == 0:
-        sizes = {int(_get(cfg, f"{side}_ffn_embed_dim")) for side in ("encoder", "decoder")
-                 if _get(cfg, f"{side}_ffn_embed_dim") is not None}
+        sizes = {int(option(cfg, f"{side}_ffn_embed_dim")) for side in ("encoder", "decoder")
+                 if option(cfg, f"{side}_ffn_embed_dim") is not None}
         if len(sizes) == 1:
             return sizes.pop()
     return value
 
 
 def compare_moe_settings(saved, cfg, path: str) -> None:
-    differ = [f"{flag(name)} {_get(saved, name)} (checkpoint) / {_get(cfg, name)} (command line)"
+    differ = [f"{flag(name)} {option(saved, name)} (checkpoint) / {option(cfg, name)} (command line)"
               for name in MOE_SETTINGS
-              if _get(saved, name) is not None and _get(cfg, name) is not None
+              if option(saved, name) is not None and option(cfg, name) is not None
               and str(_setting(saved, name)) != str(_setting(cfg, name))]
     if differ:
         raise ValueError(f"{path} was trained with other MoE settings than this command line: {', '.join(differ)}; "
@@ -294,17 +269,17 @@ def compare_moe_settings(saved, cfg, path: str) -> None:
 
 
 def _sharded(model_cfg, world: int) -> bool:
-    mode, experts = str(_get(model_cfg, "moe_expert_parallel", "auto")), int(_get(model_cfg, "moe_experts", 0))
-    return world > 1 and mode != "off" and experts % world == 0
+    settings = moe_settings(model_cfg)
+    return settings is not None and settings.expert_parallel_world(world) > 1
 
 
 def check_world_size(task, saved, path: str) -> None:
     """A checkpoint of W expert-sharded processes holds rank 0's optimizer state: N/W experts' worth."""
-    saved_world = int(_get(_get(saved, "distributed_training"), "distributed_world_size", 1))
+    saved_world = int(option(option(saved, "distributed_training"), "distributed_world_size", 1))
     world = comm.world_size()
     if saved_world == world or task_option(task, "reset_optimizer", False):
         return
-    if _sharded(_get(saved, "model"), saved_world) or _sharded(_get(saved, "model"), world):
+    if _sharded(option(saved, "model"), saved_world) or _sharded(option(saved, "model"), world):
         raise ValueError(
             f"{path} was saved by {saved_world} processes and this run has {world}, with the experts sharded: "
             f"its optimizer state does not fit; run python -m fairseq_stablemoe.reshard_checkpoint {path} "

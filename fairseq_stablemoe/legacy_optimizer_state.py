@@ -13,7 +13,8 @@ import torch
 from fairseq import checkpoint_utils
 from omegaconf import OmegaConf
 
-from .moe.experts import CHECKPOINT_NAMES, Experts
+from .moe.expert_keys import CHECKPOINT_NAMES, expert_entry, legacy_parameter_names, trainable_names
+from .moe.experts import Experts
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class StackExpertMoments:
     parameters, in the order fairseq hands them to its optimizer."""
 
     def __init__(self, model, legacy_names: List[str]):
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.names = trainable_names(model)
         self.legacy = legacy_names
         self.banks = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
 
@@ -39,8 +40,7 @@ class StackExpertMoments:
         bank = self.banks.get(owner)
         if bank is None or leaf not in CHECKPOINT_NAMES:
             return None
-        return [[f"{owner}.experts.{i}.{s}.{CHECKPOINT_NAMES[leaf]}" for i in bank.global_ids]
-                for s in range(bank.sublayers)]
+        return [[expert_entry(owner, i, s, leaf) for i in bank.global_ids] for s in range(bank.sublayers)]
 
     def __call__(self, optim_state: Dict) -> Dict:
         group, old = optim_state["param_groups"][0], optim_state["state"]
@@ -93,8 +93,6 @@ _original = checkpoint_utils.load_checkpoint_to_cpu
 def convert_when_loaded(path: str, model) -> bool:
     """If `path` holds a per-expert-module optimizer state for `model`, convert it when fairseq loads it (before
     fairseq builds the optimizer from `model`'s trainable parameters). True if so."""
-    from .reshard_checkpoint import legacy_parameter_names
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         optim, cfg = state.get("last_optimizer_state"), state.get("cfg")

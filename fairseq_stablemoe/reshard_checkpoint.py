@@ -21,48 +21,9 @@ from omegaconf import OmegaConf
 
 from .atomic import atomic_open
 from .checkpoints import load_checked
-from .moe import MoELayer
-from .moe.expert_parallel import expert_parallel_world, expert_shard
-from .moe.experts import CHECKPOINT_NAMES
+from .moe.expert_keys import is_expert_parameter, legacy_parameter_names, trainable_names
 
 logger = logging.getLogger("fairseq_stablemoe.reshard_checkpoint")
-
-
-def rank0_parameter_names(model, cfg, world_size: int) -> List[str]:
-    """The trainable parameters rank 0 of `world_size` processes hands to its optimizer, in order.
-
-    The experts' weights are stacked, so the names do not depend on the world size (only the shapes do)."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def legacy_parameter_names(model, cfg, world_size: int) -> List[str]:
-    """The same, as the plugin named them before the experts' weights were stacked: one module per expert
-    ("...experts.experts.<global id>.<sublayer>.ff1.weight"), in id order, holding rank 0's experts only."""
-    names, done = [], set()
-    layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, MoELayer)}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        owner, _, leaf = name.rpartition(".")
-        layer_name = owner.rpartition(".")[0] if owner.endswith("experts") else None
-        if leaf not in CHECKPOINT_NAMES or layer_name not in layers:
-            names.append(name)
-            continue
-        if owner in done:
-            continue
-        done.add(owner)
-        layer = layers[layer_name]
-        ep_world = expert_parallel_world(cfg, world_size, layer.num_experts)
-        for expert_id in expert_shard(layer.num_experts, ep_world, 0):
-            for s in range(layer.experts.sublayers):
-                names.extend(f"{owner}.experts.{expert_id}.{s}.{key}" for key in CHECKPOINT_NAMES.values())
-    return names
-
-
-def is_expert_parameter(name: str) -> bool:
-    owner, _, leaf = name.rpartition(".")
-    stacked = leaf in CHECKPOINT_NAMES and (owner.endswith(".experts") or owner == "experts")
-    return stacked or ".experts.experts." in name or name.startswith("experts.experts.")
 
 
 def reshard_optimizer_state(optim_state: Dict, saved_names: List[str], new_names: List[str]) -> Dict:
@@ -94,8 +55,7 @@ def reshard(path: str, out: str, world_size: int, data: str = None):
     # this process alone: every expert, every parameter, model order (no training: no save-dir lock, no resume)
     model = task.build_model(cfg.model, from_checkpoint=True)
     saved_world = cfg.distributed_training.distributed_world_size
-    saved = rank0_parameter_names(model, cfg.model, saved_world)
-    new = rank0_parameter_names(model, cfg.model, world_size)
+    saved = new = trainable_names(model)  # the experts' stacked weights: the same names at any world size
     optim = state.get("last_optimizer_state")
     legacy = legacy_parameter_names(model, cfg.model, saved_world)
     if optim is not None and len(optim["param_groups"]) == 1 and len(optim["param_groups"][0]["params"]) == len(

@@ -10,7 +10,7 @@ from fairseq import options
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from fairseq_stablemoe.moe import ROUTINGS, parameter_counts
+from fairseq_stablemoe.moe import ROUTINGS, MoESettings, parameter_counts
 from fairseq_stablemoe.moe.routing import TokenView
 from fairseq_stablemoe.moe.routing.base_layer import BASERouting, balanced_assignment
 from fairseq_stablemoe.moe.routing.hash import HashRouting, balanced_hash
@@ -72,7 +72,8 @@ def test_criterion_adds_the_switch_loss_times_its_factor():
     model.train()
     _, aux = model[0](torch.randn(5, 2, 8), torch.full((2, 5), 4))
     log = {}
-    loss = criterion.add_moe_losses(model, (None, {"moe_aux": {model[0]: aux}}), torch.tensor(3.0), log)
+    report = {model[0]: model[0].report(aux, ran=True)}  # what a model's stack hands the criterion
+    loss = criterion.add_moe_losses(model, (None, {"moe_aux": report}), torch.tensor(3.0), log)
     assert aux["switch_loss"] > 0
     assert loss.item() == pytest.approx(3.0 + 0.5 * aux["switch_loss"].item())
     assert log["moe_switch_loss"] == aux["switch_loss"]
@@ -221,7 +222,7 @@ def test_dense_controls_reshape_the_moe_slot():
     layouts = {}
     for name in ["stablemoe"] + DENSE_CONTROLS:
         Cfg.moe_routing = name
-        layouts[name] = ROUTINGS[name].expert_layout(Cfg, 3072)
+        layouts[name] = MoESettings.of(Cfg).expert_layout(3072)  # the routing decides
     assert layouts == {"stablemoe": (32, 3072, 3), "dense": (1, 3072, 3), "dense_deeper": (1, 3072, 96),
                        "dense_wider": (1, 32 * 3072, 3)}
     assert set(MOE_ROUTINGS + DENSE_CONTROLS) <= set(ROUTINGS)
@@ -288,7 +289,6 @@ def test_base_plus_fixed_routing_ablation_trains(commands, tmp_path):
 
 
 def test_flags_that_do_not_apply_are_refused():
-    from fairseq_stablemoe.moe import validate_moe_config
 
     class Cfg:
         moe_experts, moe_sublayers, moe_layers, distilled_dim, stage1_updates = 8, 2, 1, 50, 10
@@ -297,7 +297,7 @@ def test_flags_that_do_not_apply_are_refused():
         moe_routing = "switch"
 
     with pytest.raises(ValueError, match="--stage1-assignment balanced .* --moe-routing stablemoe"):
-        validate_moe_config(Cfg, 4)
+        MoESettings.of(Cfg)
     Cfg.stage1_assignment, Cfg.hash_type = "greedy", "random"
     with pytest.raises(ValueError, match="--hash-type random applies to --moe-routing hash"):
-        validate_moe_config(Cfg, 4)
+        MoESettings.of(Cfg)

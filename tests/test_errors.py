@@ -3,6 +3,7 @@ and the row shows exactly the text checked here (paths written as <placeholders>
 import logging
 import os
 import re
+import unittest.mock
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from fairseq import optim
 
 import helpers
 from fairseq_stablemoe.checkpoints import CheckpointError, prepare_resume
-from fairseq_stablemoe.moe import MoEConfig, Vocabulary, validate_moe_config
+from fairseq_stablemoe.moe import MoEConfig, MoESettings, Vocabulary
 from fairseq_stablemoe.tasks.stage import check_optimizer, check_resumed_stage, staged_routings
 
 DOC = os.path.join(helpers.ROOT, "docs", "errors.md")
@@ -124,7 +125,7 @@ MESSAGES = {
 def test_invalid_moe_flag(case):
     overrides, message = CONFIG_CASES[case]
     with pytest.raises(ValueError) as err:
-        validate_moe_config(moe_config(**overrides), num_blocks=4)
+        MoESettings.of(moe_config(**overrides)).check_placements({"decoder": 4})
     assert str(err.value) == message
 
 
@@ -285,18 +286,18 @@ def test_layer_without_token_ids(built):
 
 
 def test_experts_not_divisible_by_the_world_size(caplog):
-    from fairseq_stablemoe.moe.expert_parallel import expert_parallel_world
+    from fairseq_stablemoe.moe import build_moe_layer, comm
 
-    cfg = moe_config(moe_experts=8)
-    cfg.moe_expert_parallel = "on"
     with pytest.raises(ValueError) as err:
-        expert_parallel_world(cfg, world=3)
+        MoESettings.of(moe_config(moe_experts=8, moe_expert_parallel="on")).expert_parallel_world(3)
     assert str(err.value) == MESSAGES["experts-vs-world"]
-    cfg.moe_expert_parallel = "auto"  # the default: falls back to replicated experts, and says so
-    with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe"):
-        assert expert_parallel_world(cfg, world=3) == 1
+    auto = MoESettings.of(moe_config(moe_experts=8))  # the default: falls back to replicated experts, and says so
+    assert auto.expert_parallel_world(3) == 1 and auto.expert_parallel_world(4) == 4
+    with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe"), \
+            unittest.mock.patch.object(comm, "world_size", lambda: 3):
+        layer = build_moe_layer(auto, 16, 32, Vocabulary(48, 1))
     assert MESSAGES["experts-vs-world-auto"] in [r.getMessage() for r in caplog.records]
-    assert expert_parallel_world(cfg, world=4) == 4
+    assert len(layer.experts) == 8
 
 
 def test_hash_table_of_another_dictionary():

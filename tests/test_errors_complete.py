@@ -116,7 +116,7 @@ def _examples(tmp):
 
     from fairseq_stablemoe.analysis import expert_tokens, fluctuation
     from fairseq_stablemoe.checkpoints import load_checked, prepare_resume
-    from fairseq_stablemoe.models.stablemoe_transformer import validate_translation_moe_config
+    from fairseq_stablemoe.moe import MoESettings
     from fairseq_stablemoe.moe.dispatch import ExpertParallelDispatcher
     from fairseq_stablemoe.reshard_checkpoint import reshard_optimizer_state
     from fairseq_stablemoe.tasks.routing_probes import FORMAT, RoutingProbes, load_probes
@@ -124,7 +124,8 @@ def _examples(tmp):
     def translation(**flags):
         args = dict(encoder_layers=2, decoder_layers=2, encoder_moe_layers=1, decoder_moe_layers=1,
                     encoder_moe_position="middle", decoder_moe_position="middle")
-        return lambda: validate_translation_moe_config(argparse.Namespace(**{**args, **flags}))
+        settings = lambda: MoESettings.of(argparse.Namespace(**{**args, **flags}))  # noqa: E731
+        return lambda: settings().check_placements({"encoder": 2, "decoder": 2})
 
     def one_probe():
         torch.save({"format": FORMAT, "updates": torch.zeros(1)}, f"{tmp}/routing_probes.pt")

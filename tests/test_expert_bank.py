@@ -80,7 +80,7 @@ def test_gradients_accumulate_over_backwards_and_hooks_see_them():
 
 def unstack(optim_state, names, legacy_names, banks):
     """The optimizer state as the per-expert-module code kept it: one entry per expert parameter, in its order."""
-    from fairseq_stablemoe.moe.experts import CHECKPOINT_NAMES
+    from fairseq_stablemoe.moe.expert_keys import CHECKPOINT_NAMES
 
     by_name = {name: optim_state["state"][i] for i, name in enumerate(names)}
     state = {}
@@ -102,7 +102,7 @@ def unstack(optim_state, names, legacy_names, banks):
 @pytest.mark.slow
 def test_a_per_expert_module_checkpoint_resumes_with_its_optimizer_state(tmp_path):
     from fairseq_stablemoe.legacy_optimizer_state import StackExpertMoments
-    from fairseq_stablemoe.reshard_checkpoint import legacy_parameter_names
+    from fairseq_stablemoe.moe.expert_keys import legacy_parameter_names
 
     data, save_dir = helpers.trained_tiny_lm(tmp_path, stage1=2, max_update=3)
     state = torch.load(f"{save_dir}/checkpoint_last.pt", weights_only=True)

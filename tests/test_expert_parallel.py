@@ -12,7 +12,8 @@ from fairseq.distributed import LegacyDistributedDataParallel
 
 from helpers import free_port, make_dictionary
 from fairseq_stablemoe.moe import ExpertParallelDispatcher, MoEConfig, Vocabulary, build_moe_layer
-from fairseq_stablemoe.moe.expert_parallel import check_trainer_setup, expert_parallel_world, gather_experts
+from fairseq_stablemoe.moe import MoESettings
+from fairseq_stablemoe.moe.expert_parallel import check_trainer_setup, gather_experts
 
 WORLD, EXPERTS, DIM, SEQ, BSZ = 2, 4, 8, 5, 3
 TOLERANCE = 1e-6
@@ -172,12 +173,13 @@ def check_expert_gradients_not_averaged(rank):
 
 
 def check_placement_choices(rank):
-    assert expert_parallel_world(moe_cfg()) == WORLD
-    assert expert_parallel_world(moe_cfg(moe_expert_parallel="off")) == 1
-    assert expert_parallel_world(moe_cfg(moe_experts=3)) == 1  # auto: replicated, with a warning
-    assert expert_parallel_world(moe_cfg(), num_experts=1) == 1  # a dense control's one FFN stack is shared
+    world = lambda **cfg: MoESettings.of(moe_cfg(**cfg)).expert_parallel_world(WORLD)  # noqa: E731
+    assert world() == WORLD
+    assert world(moe_expert_parallel="off") == 1
+    assert world(moe_experts=3) == 1  # auto: replicated, with a warning
+    assert world(moe_routing="dense") == 1  # a dense control's one FFN stack is shared
     with pytest.raises(ValueError, match="--moe-expert-parallel"):
-        expert_parallel_world(moe_cfg(moe_experts=3, moe_expert_parallel="on"))
+        world(moe_experts=3, moe_expert_parallel="on")
     replicated = build_moe_layer(moe_cfg(moe_expert_parallel="off"), DIM, 16, vocabulary())
     assert len(replicated.experts) == EXPERTS
     assert not any(hasattr(p, "expert") for p in replicated.parameters())

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from fairseq_stablemoe.moe import MoEConfig, Vocabulary, build_moe_layer
 from fairseq_stablemoe.moe.experts import Experts, build_expert, grouped_mm_works
-from fairseq_stablemoe.reshard_checkpoint import is_expert_parameter, legacy_parameter_names
+from fairseq_stablemoe.moe.expert_keys import is_expert_parameter, legacy_parameter_names
 
 DIM, FFN, SUBLAYERS = 16, 32, 2
 LOADS = {"balanced": [5, 5, 5, 5], "empty experts": [0, 9, 0, 3], "one expert takes all": [0, 0, 12, 0],
@@ -185,7 +185,8 @@ def test_reshard_keeps_the_shared_parameters_state_of_a_per_expert_optimizer_sta
     """A checkpoint from before the stacking, resharded: its optimizer state (one entry per expert parameter) keeps
     the shared parameters' state and drops the experts' (resuming converts it instead: test_expert_bank.py)."""
     import helpers
-    from fairseq_stablemoe.reshard_checkpoint import rank0_parameter_names, reshard_optimizer_state
+    from fairseq_stablemoe.moe.expert_keys import trainable_names
+    from fairseq_stablemoe.reshard_checkpoint import reshard_optimizer_state
 
     cfg, _, model, _ = helpers.build_for_training(helpers.tiny_lm_data(tmp_path))
     legacy = legacy_parameter_names(model, cfg.model, 1)
@@ -193,7 +194,7 @@ def test_reshard_keeps_the_shared_parameters_state_of_a_per_expert_optimizer_sta
     moments = {i: {"exp_avg": torch.full(shapes[n].shape if n in shapes else (1,), float(i))}
                for i, n in enumerate(legacy)}
     old = {"state": moments, "param_groups": [{"params": list(range(len(legacy)))}]}
-    new_names = rank0_parameter_names(model, cfg.model, 1)
+    new_names = trainable_names(model)
     with caplog.at_level("WARNING"):
         resharded = reshard_optimizer_state(old, legacy, new_names)
     experts_per_layer = 4 * 1 * 6  # experts x sublayers x tensors

@@ -6,7 +6,7 @@ from typing import Dict
 import torch
 from fairseq import metrics, utils
 
-from ..moe import gate_stats, moe_layers
+from ..moe import gate_stats
 
 
 def load_spread(load: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -21,50 +21,40 @@ PER_LAYER = ("tokens", "distill_agree", "load_cv", "unused_experts", "forwards")
 
 
 def collect_moe_aux(model, net_output) -> Dict[str, torch.Tensor]:
-    """The losses and token statistics of every MoE layer that ran in this forward (the model returns them in its
-    output's extra, "moe_aux"), summed over layers; with several MoE layers also each layer's own (`{i}:<key>`,
-    i = the layer's place in the model), at validation each layer's load per expert (`expert_load`), and each
-    layer's gate statistics (`gate`: a row of moe.gate_stats per layer, zeros for a layer without a soft gate).
-
-    Every layer has its keys in every batch, also when --*-layerdrop skipped it: ranks sum them key by key."""
-    ran = net_output[1].get("moe_aux", {})
-    layers = list(moe_layers(model))
+    """The MoE layers' reports (the model returns them in its output's extra, "moe_aux": every MoE layer, in the
+    model's order, with the keys of MoELayer.report), summed over layers; with several MoE layers also each
+    layer's own (`{i}:<key>`), at validation each layer's load per expert (`expert_load`), and each routed layer's
+    gate statistics (`gate`: one gate_stats row per layer). Reads nothing but the reports (and model.training)."""
+    reports = list(net_output[1].get("moe_aux", {}).values())
     total: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
-    for key in ("tokens", "dropped", "forwards"):
-        total[key] = torch.zeros((), dtype=torch.long)
-    if any(not layer.routing.dense for layer in layers):  # every batch has the load keys (layerdrop may skip)
-        total.update({key: torch.zeros(()) for key in ("load_max_over_mean", "load_cv", "unused_experts")})
-        device = next(layers[0].parameters()).device  # the gates' own: no host sync per forward
-        total["gate"] = torch.zeros(len(layers), gate_stats.ROW, dtype=torch.float64, device=device)
-    stages = []
-    for i, layer in enumerate(layers):
-        aux = dict(ran.get(layer, {}))
-        gate = aux.pop("gate", None)
-        if gate is not None:
-            total["gate"][i] = gate
+    gates, loads, stages = [], [], []
+    for i, report in enumerate(reports):
+        aux = dict(report)
+        if "gate" in aux:
+            gates.append(aux.pop("gate"))
         load = aux.pop("load", None)
         if load is not None:
-            aux.update(load_spread(load))
-        if layer.routing.staged:
-            stages.append(2 if layer.routing.in_stage2 else 1)
-            aux.setdefault("distill_agree", torch.zeros((), dtype=torch.long))
+            loads.append(load)
+            ran = aux["forwards"]
+            aux.update({key: value * ran for key, value in load_spread(load).items()})  # nothing if it did not run
+        if "stage" in aux:
+            stages.append(aux.pop("stage"))
         for key, value in aux.items():
             total[key] = total[key] + (value if key.endswith("_loss") else value.detach())
-        if len(layers) > 1:
+        if len(reports) > 1:
             for key in PER_LAYER:
-                if key != "distill_agree" or layer.routing.staged:  # only StableMoE distils
-                    total[f"{i}:{key}"] = aux[key].detach() if key in aux else torch.zeros((), dtype=torch.long)
+                if key in aux:  # only StableMoE distils, and a dense control has no loads
+                    total[f"{i}:{key}"] = aux[key].detach()
+    if gates:
+        total["gate"] = torch.stack(gates)
     if stages:  # a model is in stage 2 once all its staged layers are
-        total["stage"] = torch.tensor(min(stages))
+        total["stage"] = torch.stack(stages).min()
         total["staged"] = torch.ones((), dtype=torch.long)
-    if not model.training:
-        width = max(layer.num_experts for layer in layers)
-        loads = torch.zeros(len(layers), width, dtype=torch.long)
-        for i, layer in enumerate(layers):
-            load = ran.get(layer, {}).get("load")
-            if load is not None:
-                loads[i, :load.numel()] = load.detach().long().cpu()
-        total["expert_load"] = loads
+    if loads and not model.training:
+        expert_load = torch.zeros(len(loads), max(load.numel() for load in loads), dtype=torch.long)
+        for i, load in enumerate(loads):
+            expert_load[i, :load.numel()] = load.detach().long().cpu()
+        total["expert_load"] = expert_load
     return total
 
 
@@ -112,14 +102,11 @@ class MoEAuxLossMixin:
     def add_moe_losses(self, model, net_output, task_loss: torch.Tensor, logging_output: dict) -> torch.Tensor:
         aux = collect_moe_aux(model, net_output)
         loss = task_loss
-        produced = {name for layer in moe_layers(model) for name in layer.routing.loss_names}
         for name, factor in self.aux_factors.items():
-            if name not in produced:
-                continue
             value = aux.get(f"{name}_loss")
-            if value is None:  # e.g. stage 2, or validation: the term is not part of the objective
-                value = task_loss.new_zeros(())
-            elif factor:
+            if value is None:  # no layer's routing has this loss
+                continue
+            if factor:  # zero where the objective lacks the term (stage 2, validation)
                 loss = loss + factor * value
             logging_output[f"moe_{name}_loss"] = value.data
         for key, value in aux.items():

@@ -1,15 +1,14 @@
 """What every StableMoE model shares: its MoE layers and the task it trains under."""
 from typing import List
 
-from fairseq.utils import safe_getattr
-
 from ..moe import MoELayer, moe_layers
+from ..moe.config import option
 
 
 def set_defaults(args, **defaults):
     """An architecture's defaults: each value where the command line left the option unset."""
     for name, value in defaults.items():
-        setattr(args, name, safe_getattr(args, name, value))
+        setattr(args, name, option(args, name, value))
 
 
 class MoEModelMixin:

@@ -9,10 +9,8 @@ from fairseq.models.transformer_lm import (
     base_lm_architecture,
 )
 
-from ..moe import (
-    DecoderMoELayer, FeedsDecoderTokenIds, MoEConfig, Vocabulary, build_moe_layer, place_moe_layers,
-    validate_moe_config,
-)
+from ..moe import DecoderMoELayer, FeedsDecoderTokenIds, MoEConfig, MoESettings, Vocabulary, build_moe_layer, \
+    place_moe_layers
 from ..guard import check_model_config
 from .common import MoEModelMixin, set_defaults
 
@@ -25,14 +23,15 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig, MoEConfig):
 class StableMoELMDecoder(FeedsDecoderTokenIds, TransformerDecoder):
     """fairseq's decoder with MoE layers placed among its blocks."""
 
-    def __init__(self, args, dictionary, embed_tokens):
+    def __init__(self, args, dictionary, embed_tokens, settings: MoESettings):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=True)
+        (placement,) = settings.placements
         layers = [
-            build_moe_layer(args, args.decoder_embed_dim, args.decoder_ffn_embed_dim, Vocabulary.of(dictionary),
+            build_moe_layer(settings, args.decoder_embed_dim, args.decoder_ffn_embed_dim, Vocabulary.of(dictionary),
                             args.activation_fn, DecoderMoELayer)
-            for _ in range(args.moe_layers)
+            for _ in range(placement.layers)
         ]
-        place_moe_layers(self.layers, layers, args.moe_position)
+        place_moe_layers(self.layers, layers, placement.position)
 
 
 @register_model("stablemoe_lm", dataclass=StableMoELanguageModelConfig)
@@ -40,11 +39,12 @@ class StableMoELanguageModel(MoEModelMixin, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         check_model_config(args, task)  # before fairseq evaluates any of its fields
-        validate_moe_config(args, args.decoder_layers)
+        settings = MoESettings.of(args)
+        settings.check_placements({"decoder": args.decoder_layers})
         # fairseq's transformer_lm builds the embeddings (plain, adaptive or character); we keep them and
         # replace its decoder by ours, which only adds MoE layers
         embed_tokens = super().build_model(args, task).decoder.embed_tokens
-        return cls(StableMoELMDecoder(args, task.target_dictionary, embed_tokens))
+        return cls(StableMoELMDecoder(args, task.target_dictionary, embed_tokens, settings))
 
 
 

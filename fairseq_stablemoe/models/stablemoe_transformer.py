@@ -14,10 +14,10 @@ from fairseq.models.transformer.transformer_encoder import TransformerEncoderBas
 
 from ..moe import (
     DecoderMoELayer, EncoderMoELayer, FeedsDecoderTokenIds, FeedsEncoderTokenIds, MoELayer, MoELayerConfig,
-    Vocabulary, build_moe_layer, place_moe_layers, validate_moe_layer_config,
+    MoESettings, Vocabulary, build_moe_layer, place_moe_layers,
 )
 from ..guard import check_model_config
-from ..moe.config import MOE_POSITIONS, validate_choice
+from ..moe.config import MOE_POSITIONS
 from .common import MoEModelMixin, set_defaults
 
 
@@ -41,19 +41,6 @@ class StableMoETransformerDecoder(FeedsDecoderTokenIds, TransformerDecoderBase):
     """fairseq's decoder; its MoE layers route by the decoder's input ids (the whole prefix)."""
 
 
-def validate_translation_moe_config(args):
-    stacks = (("encoder", args.encoder_layers), ("decoder", args.decoder_layers))
-    for side, blocks in stacks:
-        layers, position = getattr(args, f"{side}_moe_layers"), str(getattr(args, f"{side}_moe_position"))
-        if not 0 <= layers <= blocks:
-            raise ValueError(f"--{side}-moe-layers must be between 0 and --{side}-layers ({blocks}); got {layers}")
-        validate_choice(f"--{side}-moe-position", position, MOE_POSITIONS)
-    if args.encoder_moe_layers + args.decoder_moe_layers == 0:
-        raise ValueError("--encoder-moe-layers and --decoder-moe-layers are both 0: that is fairseq's transformer; "
-                         "use --arch transformer, or place at least one MoE layer")
-    validate_moe_layer_config(args)
-
-
 @register_model("stablemoe_transformer")
 class StableMoETransformerModel(MoEModelMixin, TransformerModel):
     @staticmethod
@@ -74,15 +61,18 @@ class StableMoETransformerModel(MoEModelMixin, TransformerModel):
     def build_model(cls, args, task):
         check_model_config(args, task)  # before fairseq evaluates any of its fields
         stablemoe_transformer(args)
-        validate_translation_moe_config(args)
+        settings = MoESettings.of(args)
+        settings.check_placements({"encoder": args.encoder_layers, "decoder": args.decoder_layers})
         model = super().build_model(args, task)
-        for side, stack, dictionary, layer_cls in (
-                ("encoder", model.encoder, task.source_dictionary, EncoderMoELayer),
-                ("decoder", model.decoder, task.target_dictionary, DecoderMoELayer)):
+        stacks = {"encoder": (model.encoder, task.source_dictionary, EncoderMoELayer),
+                  "decoder": (model.decoder, task.target_dictionary, DecoderMoELayer)}
+        for placement in settings.placements:
+            side = placement.side
+            stack, dictionary, layer_cls = stacks[side]
             dim, ffn_dim = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_ffn_embed_dim")
-            layers = [build_moe_layer(args, dim, ffn_dim, Vocabulary.of(dictionary), args.activation_fn, layer_cls)
-                      for _ in range(getattr(args, f"{side}_moe_layers"))]
-            place_moe_layers(stack.layers, layers, getattr(args, f"{side}_moe_position"))
+            layers = [build_moe_layer(settings, dim, ffn_dim, Vocabulary.of(dictionary), args.activation_fn,
+                                      layer_cls) for _ in range(placement.layers)]
+            place_moe_layers(stack.layers, layers, placement.position)
         # fairseq takes attention alignment from layers[num_layers - 1]: keep that the last real block
         blocks = [i for i, layer in enumerate(model.decoder.layers.children()) if not isinstance(layer, MoELayer)]
         model.decoder.num_layers = blocks[-1] + 1

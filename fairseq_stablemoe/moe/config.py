@@ -1,7 +1,7 @@
 """The MoE flags shared by every model of the plugin, and their checks."""
 import math
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Dict, Optional, Tuple
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
@@ -94,15 +94,137 @@ def fail(msg):
     raise ValueError(msg)
 
 
-def validate_moe_config(cfg, num_blocks: int):
-    """MoEConfig: where the layers go, then the layer. Fails early, naming the flag and the fix."""
-    if cfg.moe_layers < 1:
-        fail(f"--moe-layers must be at least 1 (got {cfg.moe_layers}); for a model without MoE use transformer_lm")
-    if cfg.moe_layers > num_blocks:
-        fail(f"--moe-layers {cfg.moe_layers} is larger than the number of Transformer blocks ({num_blocks}); "
-             f"use at most {num_blocks} or more blocks")
-    validate_choice("--moe-position", cfg.moe_position, MOE_POSITIONS)
-    validate_moe_layer_config(cfg)
+def option(cfg, name: str, default=None):
+    """The one raw read of a fairseq config (argparse Namespace, omegaconf DictConfig, dataclass, or a checkpoint's
+    dict): `default` where the option is unset, None, or an interpolation that cannot resolve (a config loaded from
+    a checkpoint without the rest of fairseq's)."""
+    if cfg is None:
+        return default
+    try:
+        value = cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
+    except Exception:  # omegaconf's InterpolationResolutionError and friends
+        return default
+    return default if value is None else value
+
+
+def task_config(task):
+    """A task's options: its dataclass config, or the args of fairseq's legacy argparse tasks."""
+    cfg = getattr(task, "cfg", None)
+    return cfg if cfg is not None else getattr(task, "args", None)
+
+
+def task_option(task, name: str, default=None):
+    """A training option as a task sees it: in its dataclass config (which interpolates fairseq's top-level
+    options) or, for fairseq's argparse tasks, in its args."""
+    for cfg in (getattr(task, "cfg", None), getattr(task, "args", None)):
+        value = option(cfg, name)
+        if value is not None:
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one stack's MoE layers go: `layers` of them, at `position`, named by the flags `--<prefix>moe-...`."""
+
+    side: str  # "decoder" (stablemoe_lm), or "encoder" / "decoder" (stablemoe_transformer)
+    layers: int
+    position: str
+    prefix: str  # "" for stablemoe_lm's --moe-layers, "encoder-" / "decoder-" for the translation model's
+
+    def check(self, blocks: int):
+        layers, position = f"--{self.prefix}moe-layers", f"--{self.prefix}moe-position"
+        if not self.prefix and self.layers < 1:
+            fail(f"{layers} must be at least 1 (got {self.layers}); for a model without MoE use transformer_lm")
+        if not self.prefix and self.layers > blocks:
+            fail(f"{layers} {self.layers} is larger than the number of Transformer blocks ({blocks}); use at most "
+                 f"{blocks} or more blocks")
+        if self.prefix and not 0 <= self.layers <= blocks:
+            fail(f"{layers} must be between 0 and --{self.side}-layers ({blocks}); got {self.layers}")
+        validate_choice(position, self.position, MOE_POSITIONS)
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """The MoE settings of a model, typed and validated: built once from fairseq's config by `of`, passed to
+    everything that builds or checks MoE layers. Fields are named as MoELayerConfig's flags; a config saved before
+    a flag existed gets the flag's default here, and only here. Derived facts are methods."""
+
+    moe_experts: int
+    moe_sublayers: int
+    moe_ffn_embed_dim: int
+    moe_routing: str
+    hash_type: str
+    hash_table: Optional[str]
+    hash_gate: str
+    stage2_gate: str
+    stage1_assignment: str
+    stage1_updates: object  # --stage1-updates as stage1_schedule() parses it
+    distilled_router: str
+    distilled_dim: int
+    distilled_router_layers: int
+    capacity_factor: float
+    eval_capacity_factor: float
+    moe_expert_parallel: str
+    seed: int  # fairseq's --seed (--hash-type random draws its table from it)
+    placements: Tuple[Placement, ...]
+
+    @classmethod
+    def of(cls, cfg) -> "MoESettings":
+        """From a model config of any form (an MoESettings passes through). Validates the layer's flags."""
+        if isinstance(cfg, MoESettings):
+            return cfg
+        raw = {f.name: option(cfg, f.name, f.default) for f in fields(MoELayerConfig)
+               if f.name not in ("dictionary_fingerprints", "_name")}
+        for name in ("moe_routing", "hash_type", "hash_gate", "stage2_gate", "stage1_assignment", "distilled_router",
+                     "moe_expert_parallel"):
+            raw[name] = str(raw[name])
+        validate_layer(raw)
+        raw["stage1_updates"] = stage1_schedule(raw["stage1_updates"])
+        return cls(**raw, seed=int(option(cfg, "seed", 1)), placements=placements_of(cfg))
+
+    def check_placements(self, blocks: Dict[str, int]):
+        """Against the model's blocks per stack ({"decoder": 12}, or the encoder's and decoder's)."""
+        for placement in self.placements:
+            placement.check(blocks[placement.side])
+        if sum(placement.layers for placement in self.placements) == 0:
+            fail("--encoder-moe-layers and --decoder-moe-layers are both 0: that is fairseq's transformer; use "
+                 "--arch transformer, or place at least one MoE layer")
+
+    @property
+    def dense(self) -> bool:
+        return ROUTINGS[self.moe_routing].dense
+
+    def expert_layout(self, model_ffn_dim: int) -> Tuple[int, int, int]:
+        """(experts, expert FFN inner size, sublayers per expert) of one layer: the routing decides (a dense
+        control holds one FFN stack)."""
+        return ROUTINGS[self.moe_routing].expert_layout(self, model_ffn_dim)
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_layout(0)[0]
+
+    def expert_parallel_world(self, world: int) -> int:
+        """How many of `world` processes each layer's experts are sharded over; 1 = every expert on every rank
+        (also a dense control's one FFN stack, shared like any parameter)."""
+        experts = self.num_experts
+        if world == 1 or self.moe_expert_parallel == "off" or experts == 1:
+            return 1
+        if experts % world == 0:
+            return world
+        if self.moe_expert_parallel == "on":
+            fail(f"--moe-expert-parallel on needs the number of processes ({world}) to divide --moe-experts "
+                 f"({experts}); use a multiple of {world} experts, or --moe-expert-parallel off to replicate the "
+                 f"experts on every rank")
+        return 1  # auto, not divisible: replicated (build_moe_layer says so)
+
+
+def placements_of(cfg) -> Tuple[Placement, ...]:
+    if option(cfg, "encoder_moe_layers") is not None:  # stablemoe_transformer: a count and position per stack
+        return tuple(Placement(side, int(option(cfg, f"{side}_moe_layers")),
+                               str(option(cfg, f"{side}_moe_position", "middle")), f"{side}-")
+                     for side in ("encoder", "decoder"))
+    return (Placement("decoder", int(option(cfg, "moe_layers", 1)), str(option(cfg, "moe_position", "middle")), ""),)
 
 
 def validate_choice(flag: str, value, known):
@@ -110,62 +232,60 @@ def validate_choice(flag: str, value, known):
         fail(f"{flag} {value} is unknown; choose one of {', '.join(str(k) for k in known)}")
 
 
-def validate_moe_layer_config(cfg):
-    """MoELayerConfig. Fails early, naming the flag and the fix."""
-    if cfg.moe_experts < 2:
-        fail(f"--moe-experts must be at least 2 (got {cfg.moe_experts}); for a dense control keep it and use "
+def validate_layer(cfg: dict):
+    """MoELayerConfig's flags, by name. Fails early, naming the flag and the fix."""
+    if cfg["moe_experts"] < 2:
+        fail(f"--moe-experts must be at least 2 (got {cfg['moe_experts']}); for a dense control keep it and use "
              f"--moe-routing dense, dense_deeper or dense_wider")
-    if cfg.moe_sublayers < 1:
-        fail(f"--moe-sublayers must be at least 1 (got {cfg.moe_sublayers})")
-    ffn_dim = getattr(cfg, "moe_ffn_embed_dim", 0)  # legacy argparse archs may leave it unset
-    if ffn_dim < 0:
-        fail(f"--moe-ffn-embed-dim must be >= 0 (got {ffn_dim}); 0 means the model's FFN size")
-    if cfg.distilled_dim < 1:
-        fail(f"--distilled-dim must be at least 1 (got {cfg.distilled_dim}); the paper uses 50")
-    router_layers = getattr(cfg, "distilled_router_layers", 1)  # configs saved before the flag lack it
+    if cfg["moe_sublayers"] < 1:
+        fail(f"--moe-sublayers must be at least 1 (got {cfg['moe_sublayers']})")
+    if cfg["moe_ffn_embed_dim"] < 0:
+        fail(f"--moe-ffn-embed-dim must be >= 0 (got {cfg['moe_ffn_embed_dim']}); 0 means the model's FFN size")
+    if cfg["distilled_dim"] < 1:
+        fail(f"--distilled-dim must be at least 1 (got {cfg['distilled_dim']}); the paper uses 50")
+    router_layers = cfg["distilled_router_layers"]
     if router_layers < 1:
         fail(f"--distilled-router-layers must be at least 1 (got {router_layers}); the paper uses 1, 2 or 3")
-    if router_layers != 1 and str(cfg.distilled_router) != "transformer":
+    if router_layers != 1 and cfg["distilled_router"] != "transformer":
         fail(f"--distilled-router-layers {router_layers} applies to --distilled-router transformer only (got "
-             f"--distilled-router {cfg.distilled_router})")
-    stage1_schedule(cfg.stage1_updates)
-    if not (math.isfinite(cfg.capacity_factor) and math.isfinite(cfg.eval_capacity_factor)):
-        fail(f"--capacity-factor/--eval-capacity-factor must be finite (got {cfg.capacity_factor}/"
-             f"{cfg.eval_capacity_factor}); use 0 for unlimited")
-    if cfg.capacity_factor < 0 or cfg.eval_capacity_factor < 0:
-        fail(f"--capacity-factor/--eval-capacity-factor must be >= 0 (got {cfg.capacity_factor}/"
-             f"{cfg.eval_capacity_factor}); 0 means unlimited")
-    for flag, value, known in (("--distilled-router", cfg.distilled_router, DISTILLED_ROUTERS),
-                               ("--moe-routing", cfg.moe_routing, ROUTINGS),
-                               ("--hash-type", cfg.hash_type, HASH_TYPES),
-                               ("--hash-gate", getattr(cfg, "hash_gate", "none"), HASH_GATES),
-                               ("--stage2-gate", getattr(cfg, "stage2_gate", "sigmoid"), STAGE2_GATES),
-                               ("--stage1-assignment", cfg.stage1_assignment, STAGE1_ASSIGNMENTS),
-                               ("--moe-expert-parallel", getattr(cfg, "moe_expert_parallel", "auto"),
-                                EXPERT_PARALLEL_MODES)):
-        validate_choice(flag, value, known)
-    routing = str(cfg.moe_routing)
-    if str(cfg.stage1_assignment) != "greedy" and routing != "stablemoe":
-        fail(f"--stage1-assignment {cfg.stage1_assignment} is a StableMoE ablation; use it with --moe-routing "
+             f"--distilled-router {cfg['distilled_router']})")
+    stage1_schedule(cfg["stage1_updates"])
+    capacity, eval_capacity = cfg["capacity_factor"], cfg["eval_capacity_factor"]
+    if not (math.isfinite(capacity) and math.isfinite(eval_capacity)):
+        fail(f"--capacity-factor/--eval-capacity-factor must be finite (got {capacity}/{eval_capacity}); use 0 "
+             f"for unlimited")
+    if capacity < 0 or eval_capacity < 0:
+        fail(f"--capacity-factor/--eval-capacity-factor must be >= 0 (got {capacity}/{eval_capacity}); 0 means "
+             f"unlimited")
+    for name, known in (("distilled_router", DISTILLED_ROUTERS), ("moe_routing", ROUTINGS),
+                        ("hash_type", HASH_TYPES), ("hash_gate", HASH_GATES), ("stage2_gate", STAGE2_GATES),
+                        ("stage1_assignment", STAGE1_ASSIGNMENTS), ("moe_expert_parallel", EXPERT_PARALLEL_MODES)):
+        validate_choice(flag(name), cfg[name], known)
+    routing = cfg["moe_routing"]
+    if cfg["stage1_assignment"] != "greedy" and routing != "stablemoe":
+        fail(f"--stage1-assignment {cfg['stage1_assignment']} is a StableMoE ablation; use it with --moe-routing "
              f"stablemoe (for BASE layers themselves use --moe-routing base)")
-    if str(cfg.hash_type) != "balanced" and routing != "hash":
-        fail(f"--hash-type {cfg.hash_type} applies to --moe-routing hash only (got --moe-routing {routing})")
+    if cfg["hash_type"] != "balanced" and routing != "hash":
+        fail(f"--hash-type {cfg['hash_type']} applies to --moe-routing hash only (got --moe-routing {routing})")
     validate_ablation_flags(cfg, routing)
 
 
-def validate_ablation_flags(cfg, routing: str):
-    """The gate and table ablations (configs saved before these flags lack them: their defaults)."""
-    hash_gate, stage2_gate = str(getattr(cfg, "hash_gate", "none")), str(getattr(cfg, "stage2_gate", "sigmoid"))
-    table = getattr(cfg, "hash_table", None)
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate_ablation_flags(cfg: dict, routing: str):
+    """The gate and table ablations."""
+    hash_gate, stage2_gate, table = cfg["hash_gate"], cfg["stage2_gate"], cfg["hash_table"]
     if hash_gate != "none" and routing != "hash":
         fail(f"--hash-gate {hash_gate} applies to --moe-routing hash only (got --moe-routing {routing}); "
              f"StableMoE's own gate is --stage2-gate")
     if stage2_gate != "sigmoid" and routing != "stablemoe":
         fail(f"--stage2-gate {stage2_gate} applies to --moe-routing stablemoe only (got --moe-routing {routing}); "
              f"for Hash layers use --hash-gate")
-    if str(cfg.hash_type) == "file" and not table:
+    if cfg["hash_type"] == "file" and not table:
         fail("--hash-type file routes by the table of a StableMoE checkpoint: add --hash-table PATH (a "
              "checkpoint_last.pt written in stage 2)")
-    if table and str(cfg.hash_type) != "file":
-        fail(f"--hash-table {table} is read only with --hash-type file (got --hash-type {cfg.hash_type}); add "
+    if table and cfg["hash_type"] != "file":
+        fail(f"--hash-table {table} is read only with --hash-type file (got --hash-type {cfg['hash_type']}); add "
              f"--hash-type file or drop --hash-table")

@@ -165,8 +165,8 @@ DISTILLED_ROUTERS = {"wordemb": WordEmbeddingRouter, "cnn": CNNRouter, "bigram":
                      "transformer": TransformerRouter}
 
 
-def build_distilled_router(cfg, vocab_size: int, padding_idx: int) -> DistilledRouter:
+def build_distilled_router(settings, vocab_size: int, padding_idx: int) -> DistilledRouter:
     """The router that --distilled-router names, with its --distilled-dim (and --distilled-router-layers)."""
-    kind = str(cfg.distilled_router)
-    options = {"layers": getattr(cfg, "distilled_router_layers", 1)} if kind == "transformer" else {}
-    return DISTILLED_ROUTERS[kind](vocab_size, cfg.moe_experts, cfg.distilled_dim, padding_idx, **options)
+    kind = settings.distilled_router
+    options = {"layers": settings.distilled_router_layers} if kind == "transformer" else {}
+    return DISTILLED_ROUTERS[kind](vocab_size, settings.moe_experts, settings.distilled_dim, padding_idx, **options)

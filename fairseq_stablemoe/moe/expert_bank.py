@@ -179,7 +179,8 @@ class GradientMemory:
     gradient when nobody holds it any more (fairseq sets .grad to None after each update), else fresh memory.
 
     glibc serves a tensor over 32 MB by a fresh mmap every time, and faulting its pages in costs more than writing
-    them (benchmarks/README.md), which one module per expert (small gradients, recycled by malloc) never paid. Reuse is safe: a gradient still referenced by anything (the
+    them (benchmarks/memory.py), which one module per expert (small gradients, recycled by malloc) never paid.
+    Reuse is safe: a gradient still referenced by anything (the
     parameter's .grad while gradients accumulate, a user's variable) keeps its storage's use count up, and then
     fresh memory is taken. The memory stays held between steps, as malloc holds the freed per-expert gradients.
     """

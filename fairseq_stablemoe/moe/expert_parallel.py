@@ -7,35 +7,12 @@ the norm fairseq logs, clips by and checks across ranks is the shared parameters
 Checkpoints hold every expert under its global id: rank 0 gathers the other ranks' experts when all ranks
 validate, which fairseq does before each save.
 """
-import logging
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from . import comm
-
-logger = logging.getLogger(__name__)
-
-
-def expert_parallel_world(cfg, world: Optional[int] = None, num_experts: Optional[int] = None) -> int:
-    """How many of `world` ranks (default: this job's) a layer's `num_experts` (default --moe-experts) experts
-    are sharded over; 1 = all on every rank (a dense control's single FFN stack is shared like any parameter)."""
-    world, num_experts = world or comm.world_size(), num_experts or cfg.moe_experts
-    mode = str(getattr(cfg, "moe_expert_parallel", "auto"))
-    if world == 1 or mode == "off" or num_experts == 1:
-        return 1
-    if num_experts % world == 0:
-        return world
-    if mode == "on":
-        raise ValueError(
-            f"--moe-expert-parallel on needs the number of processes ({world}) to divide --moe-experts "
-            f"({num_experts}); use a multiple of {world} experts, or --moe-expert-parallel off to replicate "
-            f"the experts on every rank")
-    logger.warning(f"{world} processes do not divide --moe-experts {num_experts}: every rank holds all experts "
-                   f"(no expert parallelism); use a multiple of {world} experts to shard them")
-    return 1
-
 
 def expert_shard(num_experts: int, world: int, rank: int) -> range:
     per_rank = num_experts // world
@@ -44,7 +21,7 @@ def expert_shard(num_experts: int, world: int, rank: int) -> range:
 
 def sharded_layers(model) -> Iterator:
     from .dispatch import ExpertParallelDispatcher
-    from . import moe_layers
+    from .layer import moe_layers
 
     return (m for m in moe_layers(model) if isinstance(m.dispatcher, ExpertParallelDispatcher))
 
@@ -72,21 +49,18 @@ def gather_experts(model):
     """Collective: rank 0 receives a copy of every other rank's experts (for the next checkpoint)."""
     for layer in sharded_layers(model):
         experts, group, world = layer.experts, layer.dispatcher.group, layer.dispatcher.world
-        local = experts.expert_state()  # "<global id>.<name>", this rank's experts in id order
-        names = [k.split(".", 1)[1] for k in local if k.split(".", 1)[0] == str(experts.global_ids[0])]
-        flat = torch.cat([v.reshape(-1) for v in local.values()])
+        local = list(experts.expert_state().values())  # this rank's experts, in id order
+        flat = torch.cat([v.reshape(-1) for v in local])
         received = [torch.empty_like(flat) for _ in range(world)] if comm.rank() == 0 else None
         dist.gather(flat, received, dst=0, group=group)
         if received is None:
             continue
-        templates = list(local.values())[: len(names)]
         gathered = {}
-        for source in range(1, world):
-            chunks = received[source].cpu().split([t.numel() for t in templates] * len(experts))
-            ids = expert_shard(layer.num_experts, world, source)
-            for j, expert_id in enumerate(ids):
-                for name, template, chunk in zip(names, templates, chunks[j * len(names):(j + 1) * len(names)]):
-                    gathered[f"{expert_id}.{name}"] = chunk.view_as(template.cpu()).to(template.dtype).clone()
+        for source in range(1, world):  # every rank holds as many experts of the same shapes, in the same order
+            keys = experts.expert_keys(expert_shard(layer.num_experts, world, source))
+            chunks = received[source].cpu().split([t.numel() for t in local])
+            for key, template, chunk in zip(keys, local, chunks):
+                gathered[key] = chunk.view_as(template.cpu()).to(template.dtype).clone()
         experts.gathered = gathered
 
 

@@ -15,12 +15,10 @@ from fairseq import utils
 from fairseq.modules import LayerNorm
 
 from .expert_bank import PARAMETERS, GradientMemory, grouped_mm_function, run_bank
+from .expert_keys import CHECKPOINT_NAMES, ENTRY, expert_key
 
 logger = logging.getLogger(__name__)
 
-# stacked parameter -> its name inside one expert's sublayer in a checkpoint (fairseq BASE-layer style)
-CHECKPOINT_NAMES = dict(zip(PARAMETERS, ("norm.weight", "norm.bias", "ff1.weight", "ff1.bias", "ff2.weight",
-                                         "ff2.bias")))
 IMPLEMENTATIONS = ("auto", "grouped", "loop")
 
 
@@ -87,7 +85,8 @@ class Experts(nn.Module):
                 if seed is not None:
                     torch.manual_seed(seed + i)
                 built.append(build_expert(dim, ffn_dim, sublayers, activation).state_dict())
-        for name, key in CHECKPOINT_NAMES.items():  # (sublayer, local expert, ...)
+        for name in PARAMETERS:  # (sublayer, local expert, ...)
+            key = CHECKPOINT_NAMES[name]  # its name in one expert module's state dict
             stacked = torch.stack([torch.stack([e[f"{s}.{key}"] for e in built]) for s in range(sublayers)])
             self.register_parameter(name, nn.Parameter(stacked))
         # the other ranks' experts, gathered here (rank 0) so that a checkpoint holds all of them
@@ -107,6 +106,10 @@ class Experts(nn.Module):
 
     def __len__(self):
         return len(self.global_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm_weight.device
 
     def forward(self, x_sorted: torch.Tensor, counts: List[int]) -> torch.Tensor:
         """Run each expert on its contiguous slice of `x_sorted` (rows grouped by local expert).
@@ -151,30 +154,34 @@ class Experts(nn.Module):
         return functools.partial(self.expert_forward, self.global_ids.index(int(global_id)))
 
     def per_expert(self, stacked: Dict[str, Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """Stacked tensors (parameter name -> parameter, gradient, ...) as "<global id>.<sublayer>.<name>"
-        views, expert by expert in id order: the checkpoint's layout."""
+        """Stacked tensors (parameter name -> parameter, gradient, ...) as views keyed by expert_key, expert by
+        expert in id order: the checkpoint's layout."""
         out = {}
         for j, expert_id in enumerate(self.global_ids):
             for s in range(self.sublayers):
-                for name, key in CHECKPOINT_NAMES.items():
+                for name in PARAMETERS:
                     if stacked.get(name) is not None:
-                        out[f"{expert_id}.{s}.{key}"] = stacked[name][s, j]
+                        out[expert_key(expert_id, s, name)] = stacked[name][s, j]
         return out
 
     def expert_state(self) -> Dict[str, torch.Tensor]:
         return self.per_expert({name: p.detach() for name, p in self.named_parameters(recurse=False)})
 
+    def expert_keys(self, global_ids: Iterable[int]) -> List[str]:
+        """The keys of `global_ids`' experts (of any rank), in expert_state's order."""
+        return [expert_key(i, s, name) for i in global_ids for s in range(self.sublayers) for name in PARAMETERS]
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         params = dict(self.named_parameters(recurse=False))
         for key, value in self.per_expert(params if keep_vars else {n: p.detach() for n, p in params.items()}).items():
-            destination[prefix + "experts." + key] = value
+            destination[prefix + ENTRY + key] = value
         if self.needs_gathered and self.gathered is None:
             logger.warning(
                 "this state dict holds only this rank's experts: the others are gathered when all ranks validate, "
                 "and fairseq saved without validating first. Keep validation on before each save (no "
                 "--disable-validation; --validate-interval must divide --save-interval)")
         for key, value in (self.gathered or {}).items():
-            destination[prefix + "experts." + key] = value
+            destination[prefix + ENTRY + key] = value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -182,10 +189,10 @@ class Experts(nn.Module):
         mine = self.per_expert(dict(self.named_parameters(recurse=False)))
         for key in [k for k in state_dict if k.startswith(prefix)]:
             name = key[len(prefix):]
-            if not name.startswith("experts."):
+            if not name.startswith(ENTRY):
                 unexpected_keys.append(key)
                 continue
-            target = mine.pop(name[len("experts."):], None)
+            target = mine.pop(name[len(ENTRY):], None)
             if target is None:
                 continue  # another rank's expert
             value = state_dict[key]
@@ -195,4 +202,4 @@ class Experts(nn.Module):
                 continue
             with torch.no_grad():
                 target.copy_(value)
-        missing_keys.extend(prefix + "experts." + key for key in mine)
+        missing_keys.extend(prefix + ENTRY + key for key in mine)

@@ -1,11 +1,19 @@
-"""One MoE layer: a routing strategy decides, the shared machinery dispatches, computes, combines."""
-from typing import Dict, Tuple
+"""One MoE layer: a routing strategy decides, the shared machinery dispatches, computes, combines.
+
+Dimensions (fairseq's names where it has them):
+    T  positions of the forward (x is T x B x C, time-major)     B  sentences       C  model width (d)
+    S  the whole prefix of token ids (tokens is B x S, S >= T)   n  routed (non-pad) tokens, rows of h (n x C)
+    N  experts of the layer                                      E  experts on this process (N, or N / W)
+    W  processes the experts are sharded over                    F  expert FFN inner size
+"""
+from typing import Dict, Iterator, Tuple
 
 import torch
 import torch.nn as nn
 
 from .dispatch import LocalDispatcher
 from .experts import Experts
+from . import gate_stats
 from .gate_stats import gate_row
 from .routing import Routing, TokenView
 
@@ -62,13 +70,36 @@ class MoELayer(nn.Module):
         """x: T x B x C hidden states; tokens: B x S ids whose last T positions are x's tokens.
 
         Returns the output and this forward's aux: the routing's losses (`<name>_loss`, token sums) and
-        statistics (`load`, token sums), `tokens` routed and `dropped` over capacity. Nothing is kept here."""
+        statistics (`load`, token sums), `tokens` routed and `dropped` over capacity, the `gate` statistics of a
+        soft gate. Nothing is kept here; a stack completes it for the criterion (`report`)."""
         flat, h, view = self._routed_rows(x, tokens)
         routing = self.routing(h, view)
         y, aux = self._compute(h, routing)
 
         out = y if view.index is None else flat.index_copy(0, view.index, y)
         return out.view(x.shape), aux
+
+    def report(self, aux: Dict[str, torch.Tensor], ran: bool) -> Dict[str, torch.Tensor]:
+        """What the layer reports to the criterion for a forward: every key, in every forward, so that ranks can
+        sum them key by key and the criterion needs nothing else. `aux` has what forward() computed; the rest is
+        zero:
+        - `<name>_loss` for each of the routing's loss_names (token sums; zero where the objective lacks it);
+        - `tokens` routed, `dropped` over capacity;
+        - a routed (not dense) layer: `forwards` (1, or 0 for a layer skipped by layerdrop), `load` (N,) tokens
+          per expert and `gate`, a gate_stats row (zeros without a soft gate);
+        - a staged routing: `stage` (1 or 2) and `distill_agree` (tokens whose distilled route is the backbone's).
+        """
+        device = self.experts.device
+        zero = lambda dtype=torch.long: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+        full = {f"{name}_loss": zero(torch.float32) for name in self.routing.loss_names}
+        full.update(tokens=zero(), dropped=zero())
+        if not self.routing.dense:
+            full.update(forwards=torch.tensor(int(ran), device=device), load=torch.zeros(self.num_experts, dtype=torch.long, device=device),
+                        gate=torch.zeros(gate_stats.ROW, dtype=torch.float64, device=device))
+        if self.routing.staged:
+            full.update(stage=torch.tensor(2 if self.routing.in_stage2 else 1, device=device), distill_agree=zero())
+        full.update(aux)
+        return full
 
     @torch.no_grad()
     def decide(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -126,3 +157,7 @@ class MoELayer(nn.Module):
         if inverse is None:  # dropped tokens pass through unchanged
             return h.index_copy(0, order, y_sorted), aux
         return _Permute.apply(y_sorted, inverse, order), aux
+
+
+def moe_layers(model: nn.Module) -> Iterator[MoELayer]:
+    return (m for m in model.modules() if isinstance(m, MoELayer))

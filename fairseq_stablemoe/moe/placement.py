@@ -1,8 +1,8 @@
 """Where MoE layers go in a stack of Transformer blocks, how they get the token ids, and how their aux leaves.
 
 fairseq's layer loops pass each layer only the hidden states. A stack's forward (`stack_forward`) hands its
-token ids to its MoE layers for exactly the duration of that forward, and collects the aux of the layers that
-ran (a layer skipped by --decoder-layerdrop reports nothing): the stack returns it in its output, as
+token ids to its MoE layers for exactly the duration of that forward, and collects the aux of each of them (a
+layer skipped by --decoder-layerdrop reports zeros): the stack returns it in its output, as
 `extra["moe_aux"]` (decoder) and `encoder_out["moe_aux"]` (encoder; the decoder adds it to its own).
 """
 import contextlib
@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .layer import MoELayer
 
-MoEAux = Dict[MoELayer, Dict[str, torch.Tensor]]  # per MoE layer that ran: its aux (see MoELayer.forward)
+MoEAux = Dict[MoELayer, Dict[str, torch.Tensor]]  # per MoE layer, in the model's order: its aux (MoELayer.report)
 
 
 class StackForward:
@@ -37,6 +37,8 @@ def stack_forward(layers: nn.ModuleList, tokens: torch.Tensor):
     finally:
         for layer in placed:
             layer.stack = None
+    # every MoE layer of the stack, in order: a layer that layerdrop skipped reports zeros
+    scope.aux = {layer: scope.aux.get(layer) or layer.report({}, ran=False) for layer in placed}
 
 
 class StackedMoELayer(MoELayer):
@@ -51,7 +53,7 @@ class StackedMoELayer(MoELayer):
 
     def forward_in_stack(self, x: torch.Tensor) -> torch.Tensor:
         y, aux = MoELayer.forward(self, x, self.stack_tokens())
-        self.stack.aux[self] = aux
+        self.stack.aux[self] = self.report(aux, ran=True)
         return y
 
 

@@ -17,6 +17,7 @@ from omegaconf import II
 
 from ..atomic import atomic_open, move_aside
 from ..moe import comm
+from ..moe.config import option
 from ..moe.probe import probe_experts
 
 logger = logging.getLogger(__name__)
@@ -107,16 +108,16 @@ class RoutingProbes:
 
     @classmethod
     def from_task_config(cls, cfg) -> Optional["RoutingProbes"]:
-        interval = getattr(cfg, "routing_probe_interval", 0)
+        interval, tokens = option(cfg, "routing_probe_interval", 0), option(cfg, "routing_probe_tokens", 0)
         if not interval:
             return None
-        if interval < 0 or cfg.routing_probe_tokens < 1:
+        if interval < 0 or tokens < 1:
             raise ValueError(f"--routing-probe-interval must be >= 0 and --routing-probe-tokens >= 1 (got "
-                             f"{interval}, {cfg.routing_probe_tokens})")
+                             f"{interval}, {tokens})")
         # argparse tasks get the whole command line: --save-dir and --valid-subset themselves
-        save_dir = getattr(cfg, "routing_probe_dir", None) or cfg.save_dir
-        split = str(getattr(cfg, "routing_probe_split", None) or cfg.valid_subset).split(",")[0]
-        return cls(os.path.join(save_dir, PROBES_FILE), interval, cfg.routing_probe_tokens, split)
+        save_dir = option(cfg, "routing_probe_dir") or option(cfg, "save_dir")
+        split = str(option(cfg, "routing_probe_split") or option(cfg, "valid_subset")).split(",")[0]
+        return cls(os.path.join(save_dir, PROBES_FILE), interval, tokens, split)
 
     def recorded(self, update: int) -> bool:
         return self.record is not None and len(self.record["updates"]) > 0 and \

@@ -4,10 +4,11 @@ import logging
 
 from fairseq import metrics, utils
 
-from ..guard import resume_path, task_option
+from ..guard import resume_path
 from ..legacy_optimizer_state import convert_when_loaded
 from ..criterions.moe_aux import MoEAuxLossMixin
 from ..moe import comm, moe_layers, parameter_counts
+from ..moe.config import option, task_config, task_option
 from ..moe.expert_parallel import (
     check_trainer_setup,
     drop_gathered_experts,
@@ -116,7 +117,7 @@ class StageSwitchingTask:
         model = super().build_model(cfg, from_checkpoint)
         model.stage_switching_task = True
         shared, expert, routing = parameter_counts(model)
-        logger.info(f"--moe-routing {getattr(cfg, 'moe_routing', '?')}: {shared:,} shared parameters, {expert:,} expert "
+        logger.info(f"--moe-routing {option(cfg, 'moe_routing', '?')}: {shared:,} shared parameters, {expert:,} expert "
                     f"parameters, {routing:,} routing parameters ({shared / 1e6:.1f}M + {expert / 1e6:.1f}M + "
                     f"{routing / 1e6:.2f}M = {(shared + expert + routing) / 1e6:.1f}M; fairseq's own 'num. expert "
                     f"model params' line counts only parameters of fairseq's MoE layers, not these)")
@@ -136,7 +137,7 @@ class StageSwitchingTask:
             if not self.routing_probes:
                 raise ValueError("--stage1-updates auto decides from the routing probes: add "
                                  "--routing-probe-interval K (e.g. K = 1% of --max-update)")
-            self._stage1_auto = Stage1Auto.from_task_config(self._task_config(), max_update)
+            self._stage1_auto = Stage1Auto.from_task_config(task_config(self), max_update)
         path = resume_path(self)  # GuardedTask (first among our tasks' bases) has repaired it already
         if path is not None and comm.rank() == 0:
             convert_when_loaded(path, model)
@@ -149,14 +150,10 @@ class StageSwitchingTask:
                 f"--criterion stablemoe_cross_entropy (LM) or stablemoe_label_smoothed_cross_entropy (translation)")
         return criterion
 
-    def _task_config(self):
-        # fairseq's LegacyFairseqTask (language_modeling, translation_multi_simple_epoch) keeps it in .args
-        return self.cfg if self.cfg is not None else self.args
-
     @property
     def routing_probes(self):
         if self._routing_probes is None:
-            self._routing_probes = RoutingProbes.from_task_config(self._task_config()) or False
+            self._routing_probes = RoutingProbes.from_task_config(task_config(self)) or False
         return self._routing_probes
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):

@@ -8,7 +8,7 @@ agreement with the backbone in training (`distill_acc` over the updates since th
 each probe (`observe`), and every update for the upper bound (`past_bound`).
 """
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -16,6 +16,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 from ..moe import comm
+from ..moe.config import option
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,15 @@ class Stage1Auto:
 
     @classmethod
     def from_task_config(cls, cfg, max_update: int) -> "Stage1Auto":
-        max_updates = cfg.stage1_auto_max_updates or max_update // 5
-        if max_updates < 1 or cfg.stage1_auto_patience < 1 or not 0 <= cfg.stage1_auto_route_change <= 1:
+        given = {f.name: option(cfg, f.name, f.default) for f in fields(Stage1AutoConfig)}
+        route_change, patience = given["stage1_auto_route_change"], given["stage1_auto_patience"]
+        max_updates = given["stage1_auto_max_updates"] or max_update // 5
+        if max_updates < 1 or patience < 1 or not 0 <= route_change <= 1:
             raise ValueError(
                 f"--stage1-updates auto needs --stage1-auto-max-updates >= 1 (or --max-update, of which it takes "
                 f"a fifth), --stage1-auto-patience >= 1 and --stage1-auto-route-change in [0, 1] (got "
-                f"{cfg.stage1_auto_max_updates}, --max-update {max_update}, {cfg.stage1_auto_patience}, "
-                f"{cfg.stage1_auto_route_change})")
-        return cls(cfg.stage1_auto_route_change, cfg.stage1_auto_min_gain, cfg.stage1_auto_patience, max_updates)
+                f"{given['stage1_auto_max_updates']}, --max-update {max_update}, {patience}, {route_change})")
+        return cls(route_change, given["stage1_auto_min_gain"], patience, max_updates)
 
     def count(self, distill_agree: float, tokens: float):
         """A training update's distillation agreement (token sums, all ranks)."""

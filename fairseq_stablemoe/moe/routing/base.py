@@ -47,13 +47,13 @@ class RoutingStrategy(nn.Module, abc.ABC):
     stage2_began: Optional[int] = None  # the update stage 2 began at; None in stage 1 and for unstaged routings
 
     @classmethod
-    def expert_layout(cls, cfg, ffn_dim: int) -> Tuple[int, int, int]:
+    def expert_layout(cls, settings, ffn_dim: int) -> Tuple[int, int, int]:
         """(experts, expert FFN inner size, sublayers per expert) of the layer this routing drives."""
-        return cfg.moe_experts, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_sublayers
+        return settings.moe_experts, settings.moe_ffn_embed_dim or ffn_dim, settings.moe_sublayers
 
     @classmethod
     @abc.abstractmethod
-    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "RoutingStrategy":
+    def build(cls, settings, dim: int, vocab: Vocabulary) -> "RoutingStrategy":
         """The routing --moe-routing names, from the model's config, its width and its vocabulary."""
 
     @abc.abstractmethod
@@ -99,8 +99,8 @@ class CentroidRouting(RoutingStrategy):
         nn.init.orthogonal_(self.centroids, gain=0.1)
 
     @classmethod
-    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "CentroidRouting":
-        return cls(dim, cfg.moe_experts)
+    def build(cls, settings, dim: int, vocab: Vocabulary) -> "CentroidRouting":
+        return cls(dim, settings.moe_experts)
 
 
 class TokenView:
@@ -149,8 +149,8 @@ class _ChosenAffinity(torch.autograd.Function):
     The forward's n×N product costs what n gathered dot products cost (on CPU the gather is memory-bound, the
     product is not), and the caller's statistics need all of s anyway. The backward with many experts is the gain:
     O(n·d) gathers in place of two n×N×d products with a mostly-zero n×N gradient. With few experts those products
-    are cheaper than the gathers' extra passes over n×d memory (benchmarks/routing.py on CPU: the gathers lose at
-    N 1 and 8, win from N 32), so there the backward is autograd's, on the mostly-zero gradient.
+    are cheaper than the gathers' extra passes over n×d memory (benchmarks/routing.py times both; its figures are in
+    benchmarks/README.md), so below GATHER_FROM_EXPERTS the backward is autograd's, on the mostly-zero gradient.
     """
 
     @staticmethod

@@ -15,11 +15,11 @@ class DenseRouting(RoutingStrategy):
     dense = True
 
     @classmethod
-    def expert_layout(cls, cfg, ffn_dim: int):
-        return 1, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_sublayers
+    def expert_layout(cls, settings, ffn_dim: int):
+        return 1, settings.moe_ffn_embed_dim or ffn_dim, settings.moe_sublayers
 
     @classmethod
-    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "DenseRouting":
+    def build(cls, settings, dim: int, vocab: Vocabulary) -> "DenseRouting":
         return cls()
 
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
@@ -31,11 +31,11 @@ class DenseRouting(RoutingStrategy):
 
 class DeeperDenseRouting(DenseRouting):
     @classmethod
-    def expert_layout(cls, cfg, ffn_dim):
-        return 1, cfg.moe_ffn_embed_dim or ffn_dim, cfg.moe_experts * cfg.moe_sublayers
+    def expert_layout(cls, settings, ffn_dim):
+        return 1, settings.moe_ffn_embed_dim or ffn_dim, settings.moe_experts * settings.moe_sublayers
 
 
 class WiderDenseRouting(DenseRouting):
     @classmethod
-    def expert_layout(cls, cfg, ffn_dim):
-        return 1, cfg.moe_experts * (cfg.moe_ffn_embed_dim or ffn_dim), cfg.moe_sublayers
+    def expert_layout(cls, settings, ffn_dim):
+        return 1, settings.moe_experts * (settings.moe_ffn_embed_dim or ffn_dim), settings.moe_sublayers

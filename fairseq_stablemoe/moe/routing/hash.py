@@ -46,24 +46,24 @@ class HashRouting(RoutingStrategy):
             else None
 
     @classmethod
-    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "HashRouting":
-        gated = str(getattr(cfg, "hash_gate", "none")) == "sigmoid"
-        return cls(cls.build_table(cfg, vocab), cfg.moe_experts, dim, gated)
+    def build(cls, settings, dim: int, vocab: Vocabulary) -> "HashRouting":
+        gated = settings.hash_gate == "sigmoid"
+        return cls(cls.build_table(settings, vocab), settings.moe_experts, dim, gated)
 
     @staticmethod
-    def build_table(cfg, vocab: Vocabulary) -> torch.Tensor:
-        vocab_size, token_counts = vocab.size, vocab.counts
-        if str(cfg.hash_type) == "random":
-            return random_hash(vocab_size, cfg.moe_experts, getattr(cfg, "seed", 1))
-        if str(cfg.hash_type) == "file":
+    def build_table(settings, vocab: Vocabulary) -> torch.Tensor:
+        vocab_size, token_counts, experts = vocab.size, vocab.counts, settings.moe_experts
+        if settings.hash_type == "random":
+            return random_hash(vocab_size, experts, settings.seed)
+        if settings.hash_type == "file":
             from .table_file import read_routing_table
 
-            return read_routing_table(cfg.hash_table, vocab_size, cfg.moe_experts)
+            return read_routing_table(settings.hash_table, vocab_size, experts)
         if token_counts is None or len(token_counts) != vocab_size:
             raise ValueError(
                 f"--hash-type balanced needs the training data's count of each of the dictionary's {vocab_size} "
                 f"tokens (a dict.txt written by fairseq-preprocess); use --hash-type random otherwise")
-        return balanced_hash(token_counts, cfg.moe_experts)
+        return balanced_hash(token_counts, experts)
 
     @torch.no_grad()
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:

@@ -70,10 +70,10 @@ class StableMoERouting(CentroidRouting):
         self.stage2_began = None  # the buffers' value on the host: read every forward, never synced
 
     @classmethod
-    def build(cls, cfg, dim: int, vocab: Vocabulary) -> "StableMoERouting":
-        router = build_distilled_router(cfg, vocab.size, vocab.padding_idx)
-        return cls(dim, cfg.moe_experts, router, stage1_schedule(cfg.stage1_updates), str(cfg.stage1_assignment),
-                   str(getattr(cfg, "stage2_gate", "sigmoid")))
+    def build(cls, settings, dim: int, vocab: Vocabulary) -> "StableMoERouting":
+        router = build_distilled_router(settings, vocab.size, vocab.padding_idx)
+        return cls(dim, settings.moe_experts, router, settings.stage1_updates, settings.stage1_assignment,
+                   settings.stage2_gate)
 
     def set_num_updates(self, num_updates: int):
         """fairseq's update count: stage 1 ends once `num_updates` updates are done (--stage1-updates)."""
