@@ -8,13 +8,6 @@ sys.path.insert(0, ROOT)  # this checkout's plugin, whatever is installed
 WARNINGS_LOG = os.path.join(".pytest_cache", "warnings.log")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs fairseq-train or another CLI end to end (minutes); "
-                                       "`make test-fast` leaves these out")
-    config.addinivalue_line("markers", "distributed: starts several processes that talk over gloo")
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); `pytest -m cuda` runs them")
-
-
 def known_noise():
     """fairseq_stablemoe/quiet.py's list: the hydra and torch deprecation warnings that fairseq's own calls raise
     (read alone: importing the package would import fairseq before the tests do)."""

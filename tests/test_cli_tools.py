@@ -32,16 +32,15 @@ def test_help_shows_the_common_use(name, module, function, capsys):
 
 
 @pytest.mark.parametrize("name, module, function", console_scripts())
-def test_installed_commands_call_the_tools(name, module, function):
+def test_installed_commands_run(name, module, function):
+    """Each installed command, run: a wrong module or function in setup.py's entry point, or a tool that fails on
+    import, fails here."""
     script = os.path.join(os.path.dirname(sys.executable), name)
     assert os.path.exists(script), f"{name} is not installed: pip install -e . (make install does)"
-    assert f"from {module} import {function}" in open(script).read()
-
-
-def test_a_command_runs():
-    script = os.path.join(os.path.dirname(sys.executable), "stablemoe-fluctuation")
-    proc = subprocess.run([script, "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: stablemoe-fluctuation"), proc.stderr[-2000:]
+    proc = subprocess.run([script, "--help"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"usage: {name} "), proc.stdout[:2000]
 
 
 @pytest.mark.parametrize("name, module, function", console_scripts())

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 
+@pytest.mark.slow  # every step's subprocess, training included
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--dry-run",

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fairseq_stablemoe.moe import MoEConfig, Vocabulary, build_moe_layer
+from fairseq_stablemoe.moe import MoEConfig, Vocabulary, build_moe_layer, expert_bank
+from fairseq_stablemoe.moe import experts as experts_module
 from fairseq_stablemoe.moe.experts import Experts, build_expert, grouped_mm_works
 from fairseq_stablemoe.moe.expert_keys import is_expert_parameter, legacy_parameter_names
 
@@ -107,15 +108,71 @@ def test_loop_is_each_expert_on_its_rows():
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
-def test_auto_uses_grouped_on_a_gpu_where_it_runs_and_the_loop_on_cpu():
+def probe(monkeypatch, answer):
+    """experts.grouped_mm_works replaced by one that answers `answer` and records what it was asked."""
+    asked = []
+
+    def grouped_mm_works(device_type, dtype):
+        asked.append((device_type, dtype))
+        return answer
+
+    monkeypatch.setattr(experts_module, "grouped_mm_works", grouped_mm_works)
+    return asked
+
+
+def test_grouped_runs_where_the_probe_says_it_runs_and_the_rows_are_16_byte_aligned(monkeypatch):
     x = torch.zeros(4, DIM)
-    assert Experts([0], DIM, FFN, 1).grouped_runs(x) == grouped_mm_works("cpu", torch.float32)
-    assert not Experts([0], 6, FFN, 1).grouped_runs(torch.zeros(4, 6))  # rows of 24 bytes: not 16-byte aligned
-    assert not Experts([0], DIM, FFN, 1).uses_grouped(x)  # CPU: the loop, measured faster there
-    assert Experts([0], DIM, FFN, 1, impl="grouped").uses_grouped(x)
-    assert not Experts([0], DIM, FFN, 1, impl="loop").uses_grouped(x)
+    asked = probe(monkeypatch, True)
+    assert Experts([0], DIM, FFN, 1).grouped_runs(x) and asked == [("cpu", torch.float32)]
+    # rows of dim x dtype size and FFN x dtype size bytes: (4, 8) is aligned in float32, not in bfloat16 (8 bytes)
+    assert Experts([0], 4, 8, 1).grouped_runs(torch.zeros(4, 4))
+    assert not Experts([0], 4, 8, 1).grouped_runs(torch.zeros(4, 4, dtype=torch.bfloat16))
+    assert not Experts([0], 8, 12, 1).grouped_runs(torch.zeros(4, 8, dtype=torch.bfloat16))
+    assert not Experts([0], 6, FFN, 1).grouped_runs(torch.zeros(4, 6))  # rows of 24 bytes
+    asked.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the products' dtype is autocast's, not the input's
+        assert Experts([0], DIM, FFN, 1).grouped_runs(x) and asked == [("cpu", torch.bfloat16)]
+        assert not Experts([0], 4, 8, 1).grouped_runs(torch.zeros(4, 4))
+    probe(monkeypatch, False)  # a torch without a grouped GEMM, or a dtype it refuses
+    assert not Experts([0], DIM, FFN, 1).grouped_runs(x)
+
+
+def test_auto_takes_the_loop_on_cpu_and_an_explicit_impl_is_kept(monkeypatch):
+    x = torch.zeros(4, DIM)
+    for answer in (True, False):
+        probe(monkeypatch, answer)
+        assert not Experts([0], DIM, FFN, 1).uses_grouped(x)  # CPU: the loop, measured faster there
+        assert Experts([0], DIM, FFN, 1, impl="grouped").uses_grouped(x)
+        assert not Experts([0], DIM, FFN, 1, impl="loop").uses_grouped(x)
     with pytest.raises(ValueError, match="impl"):
-        Experts([0], DIM, FFN, 1, impl="fast").uses_grouped(x)
+        Experts([0], DIM, FFN, 1, impl="fast")
+
+
+@pytest.mark.parametrize("impl, chosen", [("auto", "LoopProducts"), ("loop", "LoopProducts"),
+                                          pytest.param("grouped", "GroupedProducts", marks=needs_grouped)])
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_the_implementation_chosen_is_the_one_that_runs(monkeypatch, impl, chosen, grad):
+    """Experts.forward takes the products its uses_grouped chose (LoopProducts or GroupedProducts), and gets the
+    experts' outputs with them."""
+    built = []
+
+    def recorded(cls):
+        class Recorded(cls):
+            def __init__(self, *args):
+                built.append(cls.__name__)
+                super().__init__(*args)
+        return Recorded
+
+    for name in ("LoopProducts", "GroupedProducts"):
+        monkeypatch.setattr(expert_bank, name, recorded(getattr(expert_bank, name)))
+    experts, counts = trained_experts(), [2, 0, 3, 1]
+    experts.impl = impl
+    x = torch.randn(6, DIM)
+    with torch.set_grad_enabled(grad):
+        y = experts(x, counts)
+    assert built == [chosen]
+    torch.testing.assert_close(y, torch.cat([experts.expert(i)(r) for i, r in enumerate(x.split(counts))]),
+                               rtol=1e-5, atol=1e-5)
 
 
 class PerExpertModules(nn.Module):

@@ -26,6 +26,7 @@ def lm(tmp_path_factory):
     return data, root / "ckpt"
 
 
+@pytest.mark.slow  # fairseq-eval-lm
 def test_eval_lm_with_sample_break_mode_eos(lm):
     data, ckpt = lm
     out = run_cli("fairseq_cli.eval_lm", [data, "--user-dir", PLUGIN, "--task", "stablemoe_language_modeling",
@@ -37,6 +38,7 @@ def test_eval_lm_with_sample_break_mode_eos(lm):
     assert re.search(r"Perplexity: \d+\.\d+", out)
 
 
+@pytest.mark.slow  # fairseq-eval-lm
 def test_eval_lm_that_would_score_no_token_is_an_error(lm):
     data, ckpt = lm  # trained with --tokens-per-sample 32: the model has 32 positions
     with pytest.raises(RuntimeError, match=r"longer than the model's 32 positions .*pass --tokens-per-sample 32"):
@@ -124,6 +126,7 @@ def load_mt(root, **languages):
         str(root / "ckpt"), "checkpoint_last.pt", data_name_or_path=str(root / "bin"), **languages)
 
 
+@pytest.mark.slow  # the fixture trains; fairseq-generate
 def test_translate_both_directions_of_a_multilingual_model(mt):
     sources = (mt / "raw" / "xx-en" / "test.xx").read_text().split("\n")[:6]
     # fairseq-generate's greedy translations of the same sentences
@@ -142,6 +145,7 @@ def test_translate_both_directions_of_a_multilingual_model(mt):
     assert all(words and set(words) <= xx for words in map(str.split, to_xx))
 
 
+@pytest.mark.slow  # the fixture trains
 def test_multilingual_model_needs_a_direction(mt):
     with pytest.raises(ValueError, match="pass target_lang=... to from_pretrained"):
         load_mt(mt, source_lang="xx")

@@ -50,6 +50,7 @@ def test_paper_configs_train_512k_token_batches():
         assert tokens == 512 * 1024 and cfg.optimization.max_update == 60000 and cfg.model.stage1_updates == 6000
 
 
+@pytest.mark.slow  # fairseq-hydra-train
 def test_tiny_config_trains_through_the_stage_switch(tmp_path):
     tiny_lm_data(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -69,6 +69,7 @@ def routing_in_bf16_model(checkpoint_path, training):
     return captured[0], model, tokens
 
 
+@pytest.mark.slow  # fairseq-hydra-train
 @pytest.mark.parametrize("optimizer", ["bf16", "memory_efficient_bf16"])
 def test_bf16_through_hydra_trains_across_the_switch(tmp_path, optimizer):
     data = tiny_lm_data(tmp_path)

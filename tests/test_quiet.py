@@ -3,6 +3,8 @@ those, and nothing else."""
 import subprocess
 import sys
 
+import pytest
+
 from helpers import PLUGIN, ROOT
 
 SCRIPT = f"""
@@ -27,6 +29,7 @@ def run(**env):
     return proc.stderr
 
 
+@pytest.mark.slow  # two subprocesses that import fairseq and compose its hydra config
 def test_known_noise_is_filtered_and_other_warnings_show():
     shown = run()
     assert "a warning that matters" in shown

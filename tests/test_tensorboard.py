@@ -1,4 +1,5 @@
 """--tensorboard-logdir holds the routing statistics (needs the `tensorboard` extra, which `make install` installs)."""
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import run_cli, tiny_lm_data, train_lm_args
@@ -13,6 +14,7 @@ def scalars(logdir):
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow  # fairseq-train
 def test_event_files_hold_the_routing_scalars(tmp_path):
     data = tiny_lm_data(tmp_path)
     run_cli("fairseq_cli.train", train_lm_args(

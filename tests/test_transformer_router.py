@@ -85,6 +85,7 @@ def router_state(path):
     return {k: v for k, v in state.items() if ".distilled_router." in k}
 
 
+@pytest.mark.slow  # the fixture trains
 def test_frozen_bit_identical_in_stage2(trained):
     _, save = trained
     at_switch, end = router_state(save / "checkpoint_1_10.pt"), router_state(save / "checkpoint_last.pt")
@@ -94,6 +95,7 @@ def test_frozen_bit_identical_in_stage2(trained):
         assert torch.equal(at_switch[k], end[k]), k
 
 
+@pytest.mark.slow  # the fixture trains; fairseq-eval-lm
 def test_checkpoint_round_trip(trained):
     from fairseq import checkpoint_utils
 
