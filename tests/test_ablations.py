@@ -260,11 +260,11 @@ def test_training_logs_and_records_the_gate(tmp_path):
 
 
 def test_resuming_with_another_gate_or_table_is_refused():
-    from fairseq_stablemoe import guard
+    from fairseq_stablemoe import resume_checks
 
     saved = {"moe_routing": "hash", "hash_gate": "sigmoid", "stage2_gate": "sigmoid", "hash_table": "a.pt"}
     now = {"moe_routing": "hash", "hash_gate": "none", "stage2_gate": "one", "hash_table": "b.pt"}
     with pytest.raises(ValueError, match=r"--hash-table a.pt \(checkpoint\) / b.pt \(command line\), --hash-gate "
                                          r"sigmoid \(checkpoint\) / none \(command line\), --stage2-gate sigmoid"):
-        guard.compare_moe_settings(saved, now, "ckpt.pt")
-    guard.compare_moe_settings(saved, saved, "ckpt.pt")
+        resume_checks.compare_moe_settings(saved, now, "ckpt.pt")
+    resume_checks.compare_moe_settings(saved, saved, "ckpt.pt")

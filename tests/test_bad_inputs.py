@@ -9,6 +9,8 @@ import torch
 
 import helpers
 from fairseq_stablemoe.checkpoints import CheckpointError, prepare_resume
+from fairseq_stablemoe import preflight
+from fairseq_stablemoe.moe import comm
 
 
 @pytest.fixture(scope="module")
@@ -87,28 +89,24 @@ def test_flattened_fp16_on_cpu_is_refused(data):
 
 
 def test_cpu_processes_need_legacy_ddp(monkeypatch):
-    from fairseq_stablemoe import guard
-
     task = SimpleNamespace(cfg=SimpleNamespace(cpu=True, ddp_backend="pytorch_ddp"))  # the task's options
-    monkeypatch.setattr(guard.comm, "world_size", lambda: 2)
+    monkeypatch.setattr(comm, "world_size", lambda: 2)
     with pytest.raises(ValueError) as err:
-        guard.check_precision(task)
+        preflight.check_precision(task)
     assert str(err.value) == ("--ddp-backend pytorch_ddp with 2 CPU processes ends in torch's device_ids error: add "
                               "--ddp-backend legacy_ddp")
     task.cfg.ddp_backend = "legacy_ddp"
-    guard.check_precision(task)
+    preflight.check_precision(task)
 
 
 def test_only_the_writing_rank_locks(data, tmp_path, monkeypatch):
-    from fairseq_stablemoe import guard
-
     from fairseq_stablemoe.run_lock import LOCK_NAME
 
     os.makedirs(tmp_path / "rank1"), os.makedirs(tmp_path / "rank0")  # as fairseq-train makes them
-    monkeypatch.setattr(guard.comm, "rank", lambda: 1)  # a rank that does not write checkpoints
+    monkeypatch.setattr(comm, "rank", lambda: 1)  # a rank that does not write checkpoints
     helpers.build_for_training(data, save_dir=str(tmp_path / "rank1"))
     assert not (tmp_path / "rank1" / LOCK_NAME).exists()
-    monkeypatch.setattr(guard.comm, "rank", lambda: 0)
+    monkeypatch.setattr(comm, "rank", lambda: 0)
     helpers.build_for_training(data, save_dir=str(tmp_path / "rank0"))
     assert (tmp_path / "rank0" / LOCK_NAME).exists()
 
@@ -116,9 +114,8 @@ def test_only_the_writing_rank_locks(data, tmp_path, monkeypatch):
 def test_training_memory_counts_gradients_optimizer_state_and_activations(data, monkeypatch):
     """--moe-experts 5000 --moe-ffn-embed-dim 4096: 5.3 GB of weights fit, but training needs four times that and
     the kernel killed the run (exit 137, no message). Refused before anything is allocated, with the figures."""
-    from fairseq_stablemoe import guard
 
-    monkeypatch.setattr(guard, "available_memory", lambda on_gpu: 16e9)
+    monkeypatch.setattr(preflight, "available_memory", lambda on_gpu: 16e9)
     with pytest.raises(ValueError) as err:
         helpers.build_for_training(data, "--moe-experts", "5000", "--moe-ffn-embed-dim", "4096")
     message = str(err.value)
@@ -127,7 +124,7 @@ def test_training_memory_counts_gradients_optimizer_state_and_activations(data, 
         "batch of 128 tokens about" in message, message
     assert message.endswith("this machine has 16.0 GB available: lower --moe-experts, --moe-ffn-embed-dim or "
                             "--moe-sublayers (or --max-tokens / --batch-size), or shard the experts over more processes")
-    monkeypatch.setattr(guard, "available_memory", lambda on_gpu: 1e12)
-    guard.training_memory_check(helpers.build_for_training(data)[1], SimpleNamespace(
+    monkeypatch.setattr(preflight, "available_memory", lambda on_gpu: 1e12)
+    preflight.training_memory_check(helpers.build_for_training(data)[1], SimpleNamespace(
         moe_experts=5000, moe_sublayers=1, moe_layers=1, decoder_embed_dim=32, moe_ffn_embed_dim=4096,
         decoder_layers=2, decoder_ffn_embed_dim=64))  # fits in 1 TB

@@ -36,14 +36,14 @@ def test_changed_moe_flags_are_named_with_both_values(trained, tmp_path):
 
 
 def test_translation_per_side_flags_are_compared():
-    from fairseq_stablemoe import guard
+    from fairseq_stablemoe import resume_checks
 
     saved = {"encoder_moe_layers": 1, "decoder_moe_layers": 1, "encoder_moe_position": "middle", "moe_experts": 8}
     now = {"encoder_moe_layers": 0, "decoder_moe_layers": 1, "encoder_moe_position": "top", "moe_experts": 8}
     with pytest.raises(ValueError, match=r"--encoder-moe-layers 1 \(checkpoint\) / 0 \(command line\), "
                                          r"--encoder-moe-position middle \(checkpoint\) / top \(command line\);"):
-        guard.compare_moe_settings(saved, now, "ckpt.pt")
-    guard.compare_moe_settings(saved, saved, "ckpt.pt")
+        resume_checks.compare_moe_settings(saved, now, "ckpt.pt")
+    resume_checks.compare_moe_settings(saved, saved, "ckpt.pt")
 
 
 @pytest.mark.parametrize("max_update", [3, 2])

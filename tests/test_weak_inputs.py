@@ -8,7 +8,7 @@ import torch
 from fairseq import checkpoint_utils
 
 import helpers
-from fairseq_stablemoe import guard
+from fairseq_stablemoe import preflight, resume_checks
 from fairseq_stablemoe.checkpoints import CheckpointError, load_checked
 
 
@@ -47,14 +47,14 @@ def test_a_legacy_format_checkpoint_loads_in_our_tools_as_in_fairseqs(checkpoint
 
 def test_a_changed_distilled_router_depth_is_named_at_resume():
     with pytest.raises(ValueError, match=r"--distilled-router-layers 1 \(checkpoint\) / 2 \(command line\)"):
-        guard.compare_moe_settings({"distilled_router_layers": 1}, {"distilled_router_layers": 2}, "ckpt.pt")
+        resume_checks.compare_moe_settings({"distilled_router_layers": 1}, {"distilled_router_layers": 2}, "ckpt.pt")
 
 
 def test_moe_ffn_embed_dim_given_as_the_size_0_stands_for_is_the_same_setting():
     saved = {"moe_ffn_embed_dim": 0, "decoder_ffn_embed_dim": 64}
-    guard.compare_moe_settings(saved, {"moe_ffn_embed_dim": 64, "decoder_ffn_embed_dim": 64}, "ckpt.pt")
+    resume_checks.compare_moe_settings(saved, {"moe_ffn_embed_dim": 64, "decoder_ffn_embed_dim": 64}, "ckpt.pt")
     with pytest.raises(ValueError, match=r"--moe-ffn-embed-dim 0 \(checkpoint\) / 128 \(command line\)"):
-        guard.compare_moe_settings(saved, {"moe_ffn_embed_dim": 128, "decoder_ffn_embed_dim": 64}, "ckpt.pt")
+        resume_checks.compare_moe_settings(saved, {"moe_ffn_embed_dim": 128, "decoder_ffn_embed_dim": 64}, "ckpt.pt")
 
 
 def test_amp_on_cpu_says_it_trains_in_float32(data, caplog):
@@ -109,7 +109,7 @@ def test_a_valid_split_smaller_than_one_batch_names_the_batch_size_multiple(tmp_
 
 def test_very_deep_experts_are_announced_before_the_long_build(caplog):
     with caplog.at_level(logging.WARNING):
-        guard.check_model_config({"moe_sublayers": 100000, "moe_experts": 2, "moe_layers": 1, "decoder_embed_dim": 8,
+        preflight.check_model_config({"moe_sublayers": 100000, "moe_experts": 2, "moe_layers": 1, "decoder_embed_dim": 8,
                                   "decoder_ffn_embed_dim": 8})
     assert "--moe-sublayers 100000: every expert is a stack of 100000 FFN sublayers run one after another" \
         in caplog.text

@@ -20,7 +20,7 @@ class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig
     max_update: int = II("optimization.max_update")
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
-    # what the checks before training read (fairseq_stablemoe/guard.py)
+    # what the checks before training read (fairseq_stablemoe/preflight.py, resume_checks.py)
     finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
     reset_optimizer: bool = II("checkpoint.reset_optimizer")
     fp16: bool = II("common.fp16")

@@ -4,7 +4,7 @@ import logging
 
 from fairseq import metrics, utils
 
-from ..guard import resume_path
+from ..resume_checks import resume_path
 from ..legacy_optimizer_state import convert_when_loaded
 from ..criterions.moe_aux import MoEAuxLossMixin
 from ..moe import comm, moe_layers, parameter_counts
