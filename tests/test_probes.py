@@ -11,7 +11,7 @@ from fairseq_stablemoe.analysis import expert_tokens, fluctuation
 from fairseq_stablemoe.moe import EncoderMoELayer, Experts, MoELayer
 from fairseq_stablemoe.moe.placement import stack_forward
 from fairseq_stablemoe.moe.distilled_router import WordEmbeddingRouter
-from fairseq_stablemoe.moe.probe import probe_experts
+from fairseq_stablemoe.moe.decisions import probe_experts
 from fairseq_stablemoe.moe.routing import affinities
 from fairseq_stablemoe.moe.routing.stablemoe import StableMoERouting
 from fairseq_stablemoe.tasks.routing_probes import FORMAT, load_probes, save_probes

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import List
 
-from ..tasks.expert_loads import load_expert_loads
+from ..tasks.expert_load_record import load_expert_loads
 from . import load_or_exit, pyplot, quiet_logging, save_figure
 
 

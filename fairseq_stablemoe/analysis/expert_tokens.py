@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..checkpoints import load_checked
 from ..moe import MoELayer
-from ..moe.probe import forward_until
+from ..moe.decisions import forward_until
 from . import quiet_logging
 
 

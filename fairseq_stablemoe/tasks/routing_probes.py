@@ -18,7 +18,7 @@ from omegaconf import II
 from ..atomic import atomic_open, move_aside
 from ..moe import comm
 from ..moe.config import option
-from ..moe.probe import probe_experts
+from ..moe.decisions import probe_experts
 
 logger = logging.getLogger(__name__)
 

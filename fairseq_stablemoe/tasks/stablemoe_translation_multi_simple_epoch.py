@@ -8,7 +8,7 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 
 from ..guard import GuardedTask
 from ..moe import moe_layers
-from .expert_usage import language_expert_counts, log_language_usage, routing_decisions
+from .language_experts import language_expert_counts, log_language_usage, routing_decisions
 from .routing_probes import add_routing_probe_args
 from .stage1_auto import add_stage1_auto_args
 from .stage import StageSwitchingTask

@@ -17,7 +17,7 @@ from ..moe.expert_parallel import (
     scale_expert_gradients,
     sharded_layers,
 )
-from .expert_loads import ExpertLoadRecord
+from .expert_load_record import ExpertLoadRecord
 from .routing_probes import RoutingProbes
 from .stage1_auto import Stage1Auto
 

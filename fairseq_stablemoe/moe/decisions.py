@@ -1,4 +1,5 @@
-"""Look at the routing of a model's MoE layers on a batch, without training side effects."""
+"""The routing decisions of a model's MoE layers on a batch (what each token would train with), without training side
+effects: routing probes and the expert -> token table read them."""
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
