@@ -41,7 +41,7 @@ from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
 
 from .atomic import move_aside
-from .moe.config import option
+from .options import option
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Dict, Optional
 
-from .moe.config import option, task_config
+from .options import option, task_config
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ seconds and then every WAIT_WARNING_S, who is waiting for whom and what to check
 import logging
 import threading
 
-from .moe.config import option
+from .options import option
 
 logger = logging.getLogger(__name__)
 

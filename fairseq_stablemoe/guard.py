@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from .dictionaries import check_fingerprints, task_fingerprints
 from .moe import comm
-from .moe.config import option, task_option
+from .options import option, task_option
 from .preflight import check_model_config, check_precision, training_memory_check, warn_unusable_experts
 from .resume_checks import (
     check_world_size, checkpoint_to_load, compare_moe_settings, read_checkpoint, refuse_finished_run,

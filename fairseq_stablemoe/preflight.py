@@ -9,7 +9,7 @@ import torch
 
 from .dictionaries import check_fingerprints
 from .moe import MoESettings, comm
-from .moe.config import option, task_option
+from .options import option, task_option
 from .safe_config import refuse_evaluated_code
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ import torch
 
 from .checkpoints import check_checkpoint, prepare_resume
 from .moe import comm
-from .moe.config import flag, option, task_option
+from .moe.config import flag
+from .options import option, task_option
 from .preflight import moe_settings
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 from typing import List
 
 from ..moe import MoELayer, moe_layers
-from ..moe.config import option
+from ..options import option
 
 
 def set_defaults(args, **defaults):

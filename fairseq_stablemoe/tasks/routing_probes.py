@@ -17,7 +17,7 @@ from omegaconf import II
 
 from ..atomic import atomic_open, move_aside
 from ..moe import comm
-from ..moe.config import option
+from ..options import option
 from ..moe.decisions import probe_experts
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ def _tokens(dataset, indices) -> int:
 
 
 def advice(task, max_positions) -> str:
-    from ..moe.config import task_option
+    from ..options import task_option
 
     mode = str(task_option(task, "sample_break_mode", "none") or "none")
     tokens_per_sample = task_option(task, "tokens_per_sample")

@@ -8,7 +8,7 @@ from ..resume_checks import resume_path
 from ..legacy_optimizer_state import convert_when_loaded
 from ..criterions.moe_aux import MoEAuxLossMixin
 from ..moe import comm, moe_layers, parameter_counts
-from ..moe.config import option, task_config, task_option
+from ..options import option, task_config, task_option
 from ..moe.expert_parallel import (
     check_trainer_setup,
     drop_gathered_experts,

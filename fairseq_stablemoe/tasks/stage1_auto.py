@@ -16,7 +16,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 from ..moe import comm
-from ..moe.config import option
+from ..options import option
 
 logger = logging.getLogger(__name__)
 
