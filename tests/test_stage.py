@@ -5,6 +5,7 @@ import torch
 from fairseq import optim
 
 import helpers
+from fairseq_stablemoe.moe.routing.stablemoe import Stage1Schedule, stage1_schedule
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,23 @@ def test_the_update_count_decides_the_stage(data):
 
 def test_stage1_can_end_at_an_update_decided_at_run_time(data):
     routing = routing_of(helpers.build_for_training(data)[2])
-    routing.stage1_updates = None  # no fixed schedule: only end_stage1 ends stage 1
+    routing.stage1_schedule = stage1_schedule("auto")  # no fixed schedule: only end_stage1 ends stage 1
     routing.set_num_updates(10 ** 6)
     assert not routing.in_stage2
     routing.end_stage1(7)
     assert routing.in_stage2 and int(routing.stage2_start) == 7
+
+
+def test_stage1_schedule_is_a_number_or_auto():
+    assert stage1_schedule("auto").auto and stage1_schedule(" auto ") == stage1_schedule("auto")
+    fixed = stage1_schedule("6000")
+    assert fixed == Stage1Schedule(6000) and not fixed.auto and str(fixed) == "6000"
+    assert stage1_schedule(fixed) is fixed and stage1_schedule(0) == Stage1Schedule(0)
+    assert not fixed.ends_by(5999) and fixed.ends_by(6000) and stage1_schedule(0).ends_by(0)
+    assert not any(stage1_schedule("auto").ends_by(n) for n in (0, 10 ** 9))
+    for bad in ("-1", "1.5", "", "None", None):
+        with pytest.raises(ValueError, match="--stage1-updates must be"):
+            stage1_schedule(bad)
 
 
 def test_loading_restores_the_saved_stage_whatever_the_update_count_said_before(data):

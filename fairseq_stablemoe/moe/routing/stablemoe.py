@@ -20,7 +20,8 @@ that assignment by (10); stage 2 is unchanged.
 Ablation beyond the paper, --stage2-gate one: stage 2 (and inference) computes h'_t = h_t + FFN_{â_t}(h_t), with
 no gate; stage 1 keeps (7), whose σ the balance loss (8) needs.
 """
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +39,39 @@ def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -
     return (overload[expert] * gate).sum()
 
 
-def stage1_schedule(value) -> Optional[int]:
-    """--stage1-updates as the routing takes it: a number of updates, or None for auto (the task ends stage 1)."""
+@dataclass(frozen=True)
+class Stage1Schedule:
+    """When stage 1 ends: at a fixed update count (`updates`), or, `auto`, when the task calls end_stage1
+    (tasks/stage1_auto.py). One field, so the two cannot disagree."""
+
+    updates: Optional[int]  # None exactly when auto: ask `auto`
+
+    @property
+    def auto(self) -> bool:
+        return self.updates is None
+
+    def ends_by(self, num_updates: int) -> bool:
+        """Whether a fixed schedule puts update `num_updates` in stage 2 (auto never decides by the count)."""
+        return not self.auto and num_updates >= self.updates
+
+    def __str__(self):
+        return "auto" if self.auto else str(self.updates)
+
+
+AUTO = Stage1Schedule(None)
+
+
+def stage1_schedule(value) -> Stage1Schedule:
+    """--stage1-updates as the routing takes it: a number of updates, or auto (the task ends stage 1)."""
+    if isinstance(value, Stage1Schedule):
+        return value
     text = str(value).strip()
     if text == "auto":
-        return None
+        return AUTO
     if not text.lstrip("-").isdigit() or int(text) < 0:
         raise ValueError(f"--stage1-updates must be a number of updates >= 0 or auto (got {value}); the paper uses "
                          f"10% of --max-update")
-    return int(text)
+    return Stage1Schedule(int(text))
 
 
 class StableMoERouting(CentroidRouting):
@@ -58,10 +83,11 @@ class StableMoERouting(CentroidRouting):
     vocab_tables = {"distilled_router.embed.weight": "distilled router"}
 
     def __init__(self, dim: int, num_experts: int, distilled_router: DistilledRouter,
-                 stage1_updates: Optional[int], stage1_assignment: str = "greedy", stage2_gate: str = "sigmoid"):
+                 stage1_updates: Union[Stage1Schedule, int, str], stage1_assignment: str = "greedy",
+                 stage2_gate: str = "sigmoid"):
         super().__init__(dim, num_experts)  # E
         self.stage2_gated = stage2_gate == "sigmoid"
-        self.stage1_updates = stage1_updates  # None: stage 1 ends only when end_stage1 is called
+        self.stage1_schedule = stage1_schedule(stage1_updates)  # auto: stage 1 ends only when end_stage1 is called
         self.balanced_stage1 = stage1_assignment == "balanced"
         self.distilled_router = distilled_router
         # saved with the model: the stage a checkpoint was written in, and the update stage 2 began at (-1: not yet)
@@ -77,7 +103,7 @@ class StableMoERouting(CentroidRouting):
 
     def set_num_updates(self, num_updates: int):
         """fairseq's update count: stage 1 ends once `num_updates` updates are done (--stage1-updates)."""
-        if not self.in_stage2 and self.stage1_updates is not None and num_updates >= self.stage1_updates:
+        if not self.in_stage2 and self.stage1_schedule.ends_by(num_updates):
             self.end_stage1(num_updates)
 
     def end_stage1(self, num_updates: int):
@@ -94,7 +120,8 @@ class StableMoERouting(CentroidRouting):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         stage, start = state_dict.get(prefix + "stage"), prefix + "stage2_start"
         if stage is not None and start not in state_dict:  # written before stage2_start was saved
-            state_dict[start] = torch.tensor(self.stage1_updates or 0 if int(stage) == 2 else -1)
+            schedule = self.stage1_schedule  # the start of stage 2 was --stage1-updates (auto: unknown, 0)
+            state_dict[start] = torch.tensor(-1 if int(stage) != 2 else 0 if schedule.auto else schedule.updates)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.stage2_began = int(self.stage2_start) if int(self.stage) == 2 else None
 
