@@ -74,9 +74,14 @@ def stage1_schedule(value) -> Stage1Schedule:
     return Stage1Schedule(int(text))
 
 
+# what torch names a module's get_extra_state() in its state dict
+EXTRA_STATE = "_extra_state"
+
+
 class StableMoERouting(CentroidRouting):
-    """The stage is this routing's own: 1 or 2, decided from the update count fairseq passes to every module
-    (`set_num_updates`, before each training step and when a checkpoint is loaded), saved with the model."""
+    """The stage is this routing's own: decided from the update count fairseq passes to every module
+    (`set_num_updates`, before each training step and when a checkpoint is loaded), and held as one number, the
+    update stage 2 began at (`stage2_began`, None in stage 1), saved with the model as its extra state."""
 
     loss_names = ("balance", "distill")
     staged = True
@@ -90,10 +95,7 @@ class StableMoERouting(CentroidRouting):
         self.stage1_schedule = stage1_schedule(stage1_updates)  # auto: stage 1 ends only when end_stage1 is called
         self.balanced_stage1 = stage1_assignment == "balanced"
         self.distilled_router = distilled_router
-        # saved with the model: the stage a checkpoint was written in, and the update stage 2 began at (-1: not yet)
-        self.register_buffer("stage", torch.tensor(1))
-        self.register_buffer("stage2_start", torch.tensor(-1))
-        self.stage2_began = None  # the buffers' value on the host: read every forward, never synced
+        self.stage2_began: Optional[int] = None  # a host int: no forward reads the device for the stage
 
     @classmethod
     def build(cls, cfg, dim: int, vocab: Vocabulary) -> "StableMoERouting":
@@ -113,23 +115,38 @@ class StableMoERouting(CentroidRouting):
         set_num_updates when it loads a checkpoint, before it rebuilds the optimizer and loads its state, and the
         optimizer must hold the same parameters as when the checkpoint was written."""
         self.distilled_router.fix_routing()
-        self.stage.fill_(2)
-        self.stage2_start.fill_(num_updates)
         self.stage2_began = num_updates
 
+    def get_extra_state(self) -> dict:
+        return {"stage2_began": self.stage2_began}  # plain types: torch.load(weights_only=True) reads them
+
+    def set_extra_state(self, state: dict):
+        began = state["stage2_began"]
+        if began is not None and (isinstance(began, bool) or not isinstance(began, int) or began < 0):
+            raise ValueError(f"a StableMoE routing's saved stage2_began must be an update count >= 0 or None "
+                             f"(got {began!r}): the checkpoint was changed or damaged")
+        self.stage2_began = began
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        stage, start = state_dict.get(prefix + "stage"), prefix + "stage2_start"
-        if stage is not None and start not in state_dict:  # written before stage2_start was saved
-            schedule = self.stage1_schedule  # the start of stage 2 was --stage1-updates (auto: unknown, 0)
-            state_dict[start] = torch.tensor(-1 if int(stage) != 2 else 0 if schedule.auto else schedule.updates)
+        """Checkpoints written before the stage was one number hold buffers `stage` (1/2) and, from 2026-12-02,
+        `stage2_start` (the update, -1 before): both become the extra state (a stage-2 checkpoint without
+        `stage2_start` began stage 2 at --stage1-updates; auto: unknown, 0)."""
+        stage, start = state_dict.pop(prefix + "stage", None), state_dict.pop(prefix + "stage2_start", None)
+        if stage is not None and prefix + EXTRA_STATE not in state_dict:
+            if int(stage) != 2:
+                began = None
+            elif start is not None:
+                began = int(start)
+            else:
+                began = 0 if self.stage1_schedule.auto else self.stage1_schedule.updates
+            state_dict[prefix + EXTRA_STATE] = {"stage2_began": began}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.stage2_began = int(self.stage2_start) if int(self.stage) == 2 else None
 
     @torch.no_grad()
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
         """The expert each token would go to in training now, with no side effect (for routing probes)."""
         if self.in_stage2:
-            return tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))
+            return tokens.select(self.distilled_router.route(tokens.tokens, tokens.last, fixed=True))
         return self.stage1_assignment(affinities(h, self.centroids))
 
     def stage1_assignment(self, s: torch.Tensor) -> torch.Tensor:
@@ -154,7 +171,8 @@ class StableMoERouting(CentroidRouting):
         if self.training and not self.distilled_router.frozen:
             # no gradient, so no optimizer (momentum included) moves it; the optimizer already holds it
             self.distilled_router.freeze()
-        a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))  # (12, 13)
+        # (12, 13); in stage 2 the routing fixed at its start (the table), in stage 1 (validation) as it is now
+        a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last, fixed=self.in_stage2))
         if self.stage2_gated:
             # (14) differentiates s_{t,â_t} only; s (5) comes without autograd, for the logged agreement
             s_chosen, s = chosen_affinity(h, self.centroids, a_hat)
