@@ -148,6 +148,22 @@ def tiny_lm_data(tmp_dir, vocab=40, lines=(200, 20, 20), name="bin"):
     return dest
 
 
+def stage2_began(model_state):
+    """The update a saved model's (one) StableMoE routing began stage 2 at; None: it was saved in stage 1."""
+    [began] = [v["stage2_began"] for k, v in model_state.items() if k.endswith("routing._extra_state")]
+    return began
+
+
+def saved_stage(model_state) -> int:
+    return 1 if stage2_began(model_state) is None else 2
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Two model state dicts hold the same keys and bit-identical values (tensors, and extra states)."""
+    return a.keys() == b.keys() and all(torch.equal(v, b[k]) if torch.is_tensor(v) else v == b[k]
+                                        for k, v in a.items())
+
+
 def build_for_training(data, *extra, save_dir=None):
     """(cfg, task, model, criterion) exactly as fairseq-train builds them from train_lm_args + extra flags."""
     from fairseq import options, tasks

@@ -1,5 +1,6 @@
 """Bad input gets one clear line naming the flag and the fix. Every case here is a row of docs/errors.md,
 and the row shows exactly the text checked here (paths written as <placeholders>)."""
+import copy
 import logging
 import os
 import re
@@ -182,9 +183,9 @@ def test_no_schedule_warning_for_the_paper_schedule(data, tmp_path, caplog):
 def test_resume_stage2_checkpoint_into_stage1(built):
     message = MESSAGES["resume-stage"]
     model = built[2]
-    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = copy.deepcopy(model.state_dict())
     saved = dict(fresh)
-    saved.update({k: torch.tensor(2) for k in saved if k.endswith("routing.stage")})  # a stage-2 checkpoint
+    saved.update({k: {"stage2_began": 0} for k in saved if k.endswith("routing._extra_state")})  # a stage-2 one
     model.load_state_dict(saved)
     try:
         with pytest.raises(ValueError) as err:

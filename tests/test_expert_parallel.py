@@ -1,5 +1,6 @@
 """Expert parallelism over 2 gloo processes against one process holding every expert."""
 import argparse
+import copy
 import os
 import zlib
 
@@ -88,7 +89,7 @@ def batches(case):
 def reference(case):
     tokens, x, table = batches(case)
     layer = build_layer(table)
-    built = {k: v.clone() for k, v in layer.state_dict().items()}
+    built = copy.deepcopy(layer.state_dict())
     perturb_experts(layer)
     out, loss, x_grad = run(layer, torch.cat(x, 1), torch.cat(tokens, 0))
     grads = {n: g.clone() for n, g in named(layer, lambda p: p.grad).items()}

@@ -32,8 +32,8 @@ def checkpoint(tmp_path_factory):
 def test_amp_trains_on_cpu_through_both_stages(checkpoint):
     state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
     assert state["cfg"]["common"]["amp"] is True
-    assert int(state["model"]["decoder.layers.1.routing.stage"]) == 2
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert helpers.saved_stage(state["model"]) == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point())
 
 
 def test_the_allow_list_is_exactly_what_fairseq_stores(checkpoint, tmp_path):

@@ -5,6 +5,7 @@ import torch
 from fairseq import optim
 
 import helpers
+from fairseq_stablemoe.moe.routing.stablemoe import Stage1Schedule, stage1_schedule
 
 
 @pytest.fixture(scope="module")
@@ -20,22 +21,36 @@ def test_the_update_count_decides_the_stage(data):
     model = helpers.build_for_training(data, "--stage1-updates", "5")[2]
     routing = routing_of(model)
     model.set_num_updates(4)
-    assert not routing.in_stage2 and int(routing.stage) == 1 and int(routing.stage2_start) == -1
+    assert not routing.in_stage2 and routing.stage2_began is None
     model.set_num_updates(5)
-    assert routing.in_stage2 and int(routing.stage) == 2 and int(routing.stage2_start) == 5
+    assert routing.in_stage2 and routing.stage2_began == 5
     model.set_num_updates(9)
     assert routing.stage2_began == 5  # entered once
+    saved = {k: v for k, v in model.state_dict().items() if not torch.is_tensor(v)}
+    assert saved == {"decoder.layers.1.routing._extra_state": {"stage2_began": 5}}  # the stage: one saved number
     table = routing.distilled_router.table.clone()
     assert table.min() >= 0, "stage 2 routes by the token -> expert table"
 
 
 def test_stage1_can_end_at_an_update_decided_at_run_time(data):
     routing = routing_of(helpers.build_for_training(data)[2])
-    routing.stage1_updates = None  # no fixed schedule: only end_stage1 ends stage 1
+    routing.stage1_schedule = stage1_schedule("auto")  # no fixed schedule: only end_stage1 ends stage 1
     routing.set_num_updates(10 ** 6)
     assert not routing.in_stage2
     routing.end_stage1(7)
-    assert routing.in_stage2 and int(routing.stage2_start) == 7
+    assert routing.in_stage2 and routing.stage2_began == 7
+
+
+def test_stage1_schedule_is_a_number_or_auto():
+    assert stage1_schedule("auto").auto and stage1_schedule(" auto ") == stage1_schedule("auto")
+    fixed = stage1_schedule("6000")
+    assert fixed == Stage1Schedule(6000) and not fixed.auto and str(fixed) == "6000"
+    assert stage1_schedule(fixed) is fixed and stage1_schedule(0) == Stage1Schedule(0)
+    assert not fixed.ends_by(5999) and fixed.ends_by(6000) and stage1_schedule(0).ends_by(0)
+    assert not any(stage1_schedule("auto").ends_by(n) for n in (0, 10 ** 9))
+    for bad in ("-1", "1.5", "", "None", None):
+        with pytest.raises(ValueError, match="--stage1-updates must be"):
+            stage1_schedule(bad)
 
 
 def test_loading_restores_the_saved_stage_whatever_the_update_count_said_before(data):
@@ -51,23 +66,13 @@ def test_loading_restores_the_saved_stage_whatever_the_update_count_said_before(
     model.set_num_updates(10)
     model.load_state_dict(stage1_state)
     assert not routing_of(model).in_stage2  # a stage-1 checkpoint saved at an update >= --stage1-updates
-    assert not routing_of(model).distilled_router.has_table
+    assert bool((routing_of(model).distilled_router.table == -1).all())  # the table end_stage1 built is gone
     model.set_num_updates(0)
     model.load_state_dict(stage2_state)
     routing = routing_of(model)
     assert routing.in_stage2 and routing.stage2_began == 3
     assert torch.equal(routing.distilled_router.table, routing_of(saved).distilled_router.table)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
-
-
-def test_checkpoint_without_stage2_start_loads(data):
-    """Checkpoints written before the start of stage 2 was saved: it was --stage1-updates."""
-    model = helpers.build_for_training(data, "--stage1-updates", "4")[2]
-    model.set_num_updates(4)
-    old = {k: v for k, v in model.state_dict().items() if not k.endswith("stage2_start")}
-    fresh = helpers.build_for_training(data, "--stage1-updates", "4")[2]
-    fresh.load_state_dict(old)
-    assert routing_of(fresh).stage2_began == 4
 
 
 def test_router_frozen_after_the_optimizer_exists_never_moves(data):

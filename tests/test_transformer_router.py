@@ -105,7 +105,7 @@ def test_checkpoint_round_trip(trained):
     model = models[0].eval()
     routing = model.moe_layers()[0].routing
     router = routing.distilled_router
-    assert cfg.model.distilled_router_layers == 2 and len(router.blocks) == 2 and int(routing.stage) == 2
+    assert cfg.model.distilled_router_layers == 2 and len(router.blocks) == 2 and routing.in_stage2
     saved = router_state(path)
     for name, value in model.state_dict().items():
         if ".distilled_router." in name:

@@ -311,7 +311,7 @@ def _freeze_report(folder: str, data: str, tokens: int) -> dict:
     router = getattr(layer.routing, "distilled_router", None)
     with torch.no_grad():  # a hash routing's table is the fixed routing it compares with
         experts = layer.routing.table[blocks].flatten() if router is None else \
-            torch.cat([router.route(b, tokens) for b in blocks.split(64)]).flatten()
+            torch.cat([router.route(b, tokens, fixed=layer.routing.in_stage2) for b in blocks.split(64)]).flatten()
     load = torch.bincount(experts, minlength=layer.routing.num_experts).float()
     report = {"valid_load_max_mean": (load.max() / load.mean()).item(), "valid_tokens": blocks.numel()}
     if router is None:

@@ -43,8 +43,9 @@ class DistilledRouter(nn.Module):
             return F.linear(self.features(tokens)[:, -last:].to(dtype), self.centroids.to(dtype))
 
     @torch.no_grad()
-    def route(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
-        """â = argmax_i ŝ_i (Eq. 13), B x last."""
+    def route(self, tokens: torch.Tensor, last: int, fixed: bool = False) -> torch.Tensor:
+        """â = argmax_i ŝ_i (Eq. 13), B x last. `fixed` (the StableMoE routing is in stage 2): as fix_routing fixed
+        it when stage 2 began; a router without a table gets the same from its frozen weights."""
         return self(tokens, last).argmax(-1)
 
 
@@ -53,24 +54,18 @@ class WordEmbeddingRouter(DistilledRouter):
 
     def __init__(self, vocab_size, num_experts, dim, padding_idx):
         super().__init__(vocab_size, num_experts, dim, padding_idx)
-        # token id -> expert, filled when stage 2 begins; -1 = not built yet. An integer buffer: converting the
-        # model to fp16/bf16 cannot move a token to another expert
+        # token id -> expert, filled when stage 2 begins (-1 before), saved for inference. An integer buffer:
+        # converting the model to fp16/bf16 cannot move a token to another expert
         self.register_buffer("table", torch.full((vocab_size,), -1, dtype=torch.long))
-        self.has_table = False  # the table's state on the host, so routing never reads it back from the device
 
     def fix_routing(self):
         with torch.no_grad():
             ids = torch.arange(self.vocab_size, device=self.table.device)
             self.table.copy_(self(ids.unsqueeze(0), self.vocab_size).argmax(-1).squeeze(0))
-        self.has_table = True
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.has_table = bool((self.table >= 0).all())
 
     @torch.no_grad()
-    def route(self, tokens, last):
-        if self.has_table:
+    def route(self, tokens, last, fixed=False):
+        if fixed:  # end_stage1 built it; every checkpoint written in stage 2 (by any version) holds it
             return self.table[tokens[:, -last:]]
         return super().route(tokens, last)
 

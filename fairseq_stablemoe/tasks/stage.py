@@ -52,15 +52,16 @@ def log_switch(update_num: int, moved: int, why: str = ""):
 
 def auto_staged_routings(model):
     """The routings whose stage 1 ends when --stage1-updates auto decides (no fixed length), still in stage 1."""
-    return [routing for routing in staged_routings(model) if routing.stage1_updates is None and not routing.in_stage2]
+    return [routing for routing in staged_routings(model) if routing.stage1_schedule.auto and not routing.in_stage2]
 
 
 def check_resumed_stage(model, update_num: int):
     """A checkpoint written in stage 2 cannot go back to stage 1 (its router would start moving again)."""
     for routing in staged_routings(model):
-        if routing.in_stage2 and routing.stage1_updates is not None and update_num < routing.stage1_updates:
+        schedule = routing.stage1_schedule
+        if routing.in_stage2 and not schedule.auto and not schedule.ends_by(update_num):
             raise ValueError(
-                f"this checkpoint was saved in stage 2 but --stage1-updates {routing.stage1_updates} puts "
+                f"this checkpoint was saved in stage 2 but --stage1-updates {schedule} puts "
                 f"update {update_num} in stage 1; resume with --stage1-updates <= {update_num}, or restart "
                 f"training without --restore-file")
 
@@ -68,13 +69,14 @@ def check_resumed_stage(model, update_num: int):
 def warn_stage_schedule(model, max_update: int) -> None:
     """Legal schedules that are rarely what the user meant: no stage 2, or no stage 1."""
     for routing in staged_routings(model)[:1]:
-        if routing.stage1_updates is None:
+        schedule = routing.stage1_schedule
+        if schedule.auto:
             continue
-        if 0 < max_update <= routing.stage1_updates:
+        if 0 < max_update <= schedule.updates:
             logger.warning(
-                f"--stage1-updates {routing.stage1_updates} >= --max-update {max_update}: training stays in "
+                f"--stage1-updates {schedule} >= --max-update {max_update}: training stays in "
                 f"stage 1 (routing never frozen); the paper uses --stage1-updates = 10% of --max-update")
-        elif routing.stage1_updates == 0:
+        elif schedule.updates == 0:
             logger.warning("--stage1-updates 0 skips stage 1: the distilled router is frozen untrained, so routing "
                            "is random and fixed; the paper uses --stage1-updates = 10% of --max-update")
 
@@ -133,7 +135,7 @@ class StageSwitchingTask:
     def prepare_training(self, model):
         max_update = int(task_option(self, "max_update", 0))
         warn_stage_schedule(model, max_update)
-        if any(routing.stage1_updates is None for routing in staged_routings(model)):
+        if any(routing.stage1_schedule.auto for routing in staged_routings(model)):
             if not self.routing_probes:
                 raise ValueError("--stage1-updates auto decides from the routing probes: add "
                                  "--routing-probe-interval K (e.g. K = 1% of --max-update)")

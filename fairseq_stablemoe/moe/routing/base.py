@@ -40,10 +40,9 @@ class RoutingStrategy(nn.Module, abc.ABC):
 
     loss_names: ClassVar[Tuple[str, ...]] = ()  # what forward() may put in Routing.losses (the criterion weights)
     dense: ClassVar[bool] = False  # a dense control: its one "expert" counts as shared parameters
-    staged: ClassVar[bool] = False  # has stages 1 and 2 (stage1_updates, in_stage2, end_stage1)
+    staged: ClassVar[bool] = False  # has stages 1 and 2 (stage1_schedule, in_stage2, end_stage1)
     # state whose first dimension is the token vocabulary -> what it is called in the error for another dictionary
     vocab_tables: ClassVar[Dict[str, str]] = {}
-    stage1_updates: Optional[int] = None
     stage2_began: Optional[int] = None  # the update stage 2 began at; None in stage 1 and for unstaged routings
 
     @classmethod

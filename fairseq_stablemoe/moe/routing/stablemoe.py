@@ -20,7 +20,8 @@ that assignment by (10); stage 2 is unchanged.
 Ablation beyond the paper, --stage2-gate one: stage 2 (and inference) computes h'_t = h_t + FFN_{â_t}(h_t), with
 no gate; stage 1 keeps (7), whose σ the balance loss (8) needs.
 """
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,36 +39,63 @@ def balance_loss(load: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -
     return (overload[expert] * gate).sum()
 
 
-def stage1_schedule(value) -> Optional[int]:
-    """--stage1-updates as the routing takes it: a number of updates, or None for auto (the task ends stage 1)."""
+@dataclass(frozen=True)
+class Stage1Schedule:
+    """When stage 1 ends: at a fixed update count (`updates`), or, `auto`, when the task calls end_stage1
+    (tasks/stage1_auto.py). One field, so the two cannot disagree."""
+
+    updates: Optional[int]  # None exactly when auto: ask `auto`
+
+    @property
+    def auto(self) -> bool:
+        return self.updates is None
+
+    def ends_by(self, num_updates: int) -> bool:
+        """Whether a fixed schedule puts update `num_updates` in stage 2 (auto never decides by the count)."""
+        return not self.auto and num_updates >= self.updates
+
+    def __str__(self):
+        return "auto" if self.auto else str(self.updates)
+
+
+AUTO = Stage1Schedule(None)
+
+
+def stage1_schedule(value) -> Stage1Schedule:
+    """--stage1-updates as the routing takes it: a number of updates, or auto (the task ends stage 1)."""
+    if isinstance(value, Stage1Schedule):
+        return value
     text = str(value).strip()
     if text == "auto":
-        return None
+        return AUTO
     if not text.lstrip("-").isdigit() or int(text) < 0:
         raise ValueError(f"--stage1-updates must be a number of updates >= 0 or auto (got {value}); the paper uses "
                          f"10% of --max-update")
-    return int(text)
+    return Stage1Schedule(int(text))
+
+
+# what torch names a module's get_extra_state() in its state dict
+EXTRA_STATE = "_extra_state"
 
 
 class StableMoERouting(CentroidRouting):
-    """The stage is this routing's own: 1 or 2, decided from the update count fairseq passes to every module
-    (`set_num_updates`, before each training step and when a checkpoint is loaded), saved with the model."""
+    """The stage is this routing's own: decided from the update count fairseq passes to every module
+    (`set_num_updates`, before each training step and when a checkpoint is loaded), and held as one number, the
+    update stage 2 began at (`stage2_began`, None in stage 1), saved with the model as its extra state."""
 
     loss_names = ("balance", "distill")
     staged = True
     vocab_tables = {"distilled_router.embed.weight": "distilled router"}
 
     def __init__(self, dim: int, num_experts: int, distilled_router: DistilledRouter,
-                 stage1_updates: Optional[int], stage1_assignment: str = "greedy", stage2_gate: str = "sigmoid"):
+                 stage1_updates: Union[Stage1Schedule, int, str], stage1_assignment: str = "greedy",
+                 stage2_gate: str = "sigmoid"):
         super().__init__(dim, num_experts)  # E
         self.stage2_gated = stage2_gate == "sigmoid"
-        self.stage1_updates = stage1_updates  # None: stage 1 ends only when end_stage1 is called
+        self.stage1_schedule = stage1_schedule(stage1_updates)  # auto: stage 1 ends only when end_stage1 is called
         self.balanced_stage1 = stage1_assignment == "balanced"
         self.distilled_router = distilled_router
-        # saved with the model: the stage a checkpoint was written in, and the update stage 2 began at (-1: not yet)
-        self.register_buffer("stage", torch.tensor(1))
-        self.register_buffer("stage2_start", torch.tensor(-1))
-        self.stage2_began = None  # the buffers' value on the host: read every forward, never synced
+        self.stage2_began: Optional[int] = None  # a host int: no forward reads the device for the stage
 
     @classmethod
     def build(cls, settings, dim: int, vocab: Vocabulary) -> "StableMoERouting":
@@ -77,7 +105,7 @@ class StableMoERouting(CentroidRouting):
 
     def set_num_updates(self, num_updates: int):
         """fairseq's update count: stage 1 ends once `num_updates` updates are done (--stage1-updates)."""
-        if not self.in_stage2 and self.stage1_updates is not None and num_updates >= self.stage1_updates:
+        if not self.in_stage2 and self.stage1_schedule.ends_by(num_updates):
             self.end_stage1(num_updates)
 
     def end_stage1(self, num_updates: int):
@@ -87,22 +115,38 @@ class StableMoERouting(CentroidRouting):
         set_num_updates when it loads a checkpoint, before it rebuilds the optimizer and loads its state, and the
         optimizer must hold the same parameters as when the checkpoint was written."""
         self.distilled_router.fix_routing()
-        self.stage.fill_(2)
-        self.stage2_start.fill_(num_updates)
         self.stage2_began = num_updates
 
+    def get_extra_state(self) -> dict:
+        return {"stage2_began": self.stage2_began}  # plain types: torch.load(weights_only=True) reads them
+
+    def set_extra_state(self, state: dict):
+        began = state["stage2_began"]
+        if began is not None and (isinstance(began, bool) or not isinstance(began, int) or began < 0):
+            raise ValueError(f"a StableMoE routing's saved stage2_began must be an update count >= 0 or None "
+                             f"(got {began!r}): the checkpoint was changed or damaged")
+        self.stage2_began = began
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        stage, start = state_dict.get(prefix + "stage"), prefix + "stage2_start"
-        if stage is not None and start not in state_dict:  # written before stage2_start was saved
-            state_dict[start] = torch.tensor(self.stage1_updates or 0 if int(stage) == 2 else -1)
+        """Checkpoints written before the stage was one number hold buffers `stage` (1/2) and, from 2026-12-02,
+        `stage2_start` (the update, -1 before): both become the extra state (a stage-2 checkpoint without
+        `stage2_start` began stage 2 at --stage1-updates; auto: unknown, 0)."""
+        stage, start = state_dict.pop(prefix + "stage", None), state_dict.pop(prefix + "stage2_start", None)
+        if stage is not None and prefix + EXTRA_STATE not in state_dict:
+            if int(stage) != 2:
+                began = None
+            elif start is not None:
+                began = int(start)
+            else:
+                began = 0 if self.stage1_schedule.auto else self.stage1_schedule.updates
+            state_dict[prefix + EXTRA_STATE] = {"stage2_began": began}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.stage2_began = int(self.stage2_start) if int(self.stage) == 2 else None
 
     @torch.no_grad()
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
         """The expert each token would go to in training now, with no side effect (for routing probes)."""
         if self.in_stage2:
-            return tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))
+            return tokens.select(self.distilled_router.route(tokens.tokens, tokens.last, fixed=True))
         return self.stage1_assignment(affinities(h, self.centroids))
 
     def stage1_assignment(self, s: torch.Tensor) -> torch.Tensor:
@@ -127,7 +171,8 @@ class StableMoERouting(CentroidRouting):
         if self.training and not self.distilled_router.frozen:
             # no gradient, so no optimizer (momentum included) moves it; the optimizer already holds it
             self.distilled_router.freeze()
-        a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last))  # (12, 13)
+        # (12, 13); in stage 2 the routing fixed at its start (the table), in stage 1 (validation) as it is now
+        a_hat = tokens.select(self.distilled_router.route(tokens.tokens, tokens.last, fixed=self.in_stage2))
         if self.stage2_gated:
             # (14) differentiates s_{t,â_t} only; s (5) comes without autograd, for the logged agreement
             s_chosen, s = chosen_affinity(h, self.centroids, a_hat)
