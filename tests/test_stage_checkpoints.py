@@ -165,8 +165,9 @@ def test_old_stage_buffers_become_the_update_stage2_began_at(schedule, stage, st
 
 def test_a_damaged_saved_stage_is_refused():
     routing = routing_alone(7)
-    for bad in (-1, 2.5, "3", True):
-        state = dict(routing.state_dict(), _extra_state={"stage2_began": bad})
+    for bad in (-1, 2.5, "3", True, [4], {"stage": 2}):
+        extra = bad if isinstance(bad, dict) else {"stage2_began": bad}  # a dict without the key: shown whole
+        state = dict(routing.state_dict(), _extra_state=extra)
         with pytest.raises(ValueError) as err:
             routing.load_state_dict(state)
         assert str(err.value) == (f"a StableMoE routing's saved stage2_began must be an update count >= 0 or None "

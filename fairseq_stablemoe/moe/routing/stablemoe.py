@@ -121,7 +121,7 @@ class StableMoERouting(CentroidRouting):
         return {"stage2_began": self.stage2_began}  # plain types: torch.load(weights_only=True) reads them
 
     def set_extra_state(self, state: dict):
-        began = state["stage2_began"]
+        began = state.get("stage2_began", state) if isinstance(state, dict) else state  # damaged: refused below
         if began is not None and (isinstance(began, bool) or not isinstance(began, int) or began < 0):
             raise ValueError(f"a StableMoE routing's saved stage2_began must be an update count >= 0 or None "
                              f"(got {began!r}): the checkpoint was changed or damaged")
