@@ -58,7 +58,8 @@ def moe_memory_check(cfg, world: int = 1) -> None:
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 1e9
     if gigabytes > memory:
         raise ValueError(
-            f"--moe-experts {option(cfg, 'moe_experts')} × --moe-sublayers {option(cfg, 'moe_sublayers')} makes {total / 1e9:.1f}B expert "
+            f"--moe-experts {option(cfg, 'moe_experts')} × --moe-sublayers {option(cfg, 'moe_sublayers')} makes "
+            f"{total / 1e9:.1f}B expert "
             f"parameters per process, {gigabytes:.1f} GB in fp32 (weights alone), more than this "
             f"{'GPU' if on_gpu else 'machine'}'s {memory:.1f} GB: lower --moe-experts, --moe-sublayers or "
             f"--moe-ffn-embed-dim, or shard the experts over more processes")

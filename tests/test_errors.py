@@ -13,7 +13,8 @@ from fairseq import optim
 import helpers
 from fairseq_stablemoe.checkpoints import CheckpointError, prepare_resume
 from fairseq_stablemoe.moe import MoEConfig, MoESettings, Vocabulary
-from fairseq_stablemoe.tasks.stage import check_optimizer, check_resumed_stage, staged_routings
+from fairseq_stablemoe.tasks.stage import check_resumed_stage, staged_routings
+from fairseq_stablemoe.tasks.training_checks import check_optimizer
 
 DOC = os.path.join(helpers.ROOT, "docs", "errors.md")
 

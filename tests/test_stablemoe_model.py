@@ -40,7 +40,7 @@ def test_incremental_decoding_equals_full_forward(tmp_path, router):
 def test_losses_and_statistics_sum_over_all_moe_layers(tmp_path):
     model, task = build_lm(tmp_path, "--moe-layers", 2, "--moe-position", "scattered")
     model.train()
-    model.stage_switching_task = True
+    model.moe_task = True
     net_output = model(torch.randint(4, len(task.dictionary), (2, 8)))
     layers = model.moe_layers()
     aux = collect_moe_aux(model, net_output)

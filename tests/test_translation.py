@@ -47,7 +47,7 @@ def test_every_routing_trains_in_both_stacks(routing):
     d = make_dictionary()
     model = build_model(d, moe_routing=routing)  # base needs fairseq's libbase, which `make` builds
     model.train()
-    model.stage_switching_task = True
+    model.moe_task = True
     src, prev = torch.tensor([[12, 13, 14, d.eos()]] * 2), torch.tensor([[d.eos(), 30, 31, 32]] * 2)
     out, extra = model(src, torch.tensor([4, 4]), prev)
     out.sum().backward()

@@ -12,9 +12,9 @@ def set_defaults(args, **defaults):
 
 
 class MoEModelMixin:
-    # set by StageSwitchingTask.build_model. The stage is the model's own (set_num_updates), but a plain fairseq
+    # set by MoETask.build_model. The stage is the model's own (set_num_updates), but a plain fairseq
     # task would skip the training loop's safeguards: the fp16 optimizer and resume checks, the expert gathering
-    stage_switching_task = False
+    moe_task = False
 
     @classmethod
     def hub_models(cls):
@@ -31,7 +31,7 @@ class MoEModelMixin:
         return list(moe_layers(self))
 
     def forward(self, *args, **kwargs):
-        if self.training and not self.stage_switching_task:
+        if self.training and not self.moe_task:
             raise RuntimeError(
                 "StableMoE models train only under the plugin's tasks, which check the optimizer and the checkpoint "
                 "they resume from and gather sharded experts before saving: use --task stablemoe_language_modeling "

@@ -11,7 +11,6 @@ from .routing import ROUTINGS, RoutingStrategy, StableMoERouting, Vocabulary
 
 __all__ = [
     "MoEConfig", "MoELayerConfig", "MoESettings", "MoELayer", "DecoderMoELayer", "EncoderMoELayer", "Experts",
-    "RoutingStrategy", "StableMoERouting", "Vocabulary", "ExpertParallelDispatcher", "build_moe_layer", "moe_layers", "parameter_counts",
-    "place_moe_layers",
-    "FeedsDecoderTokenIds", "FeedsEncoderTokenIds",
+    "RoutingStrategy", "StableMoERouting", "Vocabulary", "ExpertParallelDispatcher", "build_moe_layer",
+    "moe_layers", "parameter_counts", "place_moe_layers", "FeedsDecoderTokenIds", "FeedsEncoderTokenIds", "ROUTINGS",
 ]

@@ -15,7 +15,7 @@ from .dispatch import LocalDispatcher
 from .experts import Experts
 from . import gate_stats
 from .gate_stats import gate_row
-from .routing import Routing, TokenView
+from .routing import RoutingDecision, TokenView
 
 
 def capacity_keep(expert_sorted: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -73,8 +73,8 @@ class MoELayer(nn.Module):
         statistics (`load`, token sums), `tokens` routed and `dropped` over capacity, the `gate` statistics of a
         soft gate. Nothing is kept here; a stack completes it for the criterion (`report`)."""
         flat, h, view = self._routed_rows(x, tokens)
-        routing = self.routing(h, view)
-        y, aux = self._compute(h, routing)
+        decision = self.routing(h, view)
+        y, aux = self._compute(h, decision)
 
         out = y if view.index is None else flat.index_copy(0, view.index, y)
         return out.view(x.shape), aux
@@ -94,7 +94,8 @@ class MoELayer(nn.Module):
         full = {f"{name}_loss": zero(torch.float32) for name in self.routing.loss_names}
         full.update(tokens=zero(), dropped=zero())
         if not self.routing.dense:
-            full.update(forwards=torch.tensor(int(ran), device=device), load=torch.zeros(self.num_experts, dtype=torch.long, device=device),
+            full.update(forwards=torch.tensor(int(ran), device=device),
+                        load=torch.zeros(self.num_experts, dtype=torch.long, device=device),
                         gate=torch.zeros(gate_stats.ROW, dtype=torch.float64, device=device))
         if self.routing.staged:
             full.update(stage=torch.tensor(2 if self.routing.in_stage2 else 1, device=device), distill_agree=zero())
@@ -127,10 +128,10 @@ class MoELayer(nn.Module):
         h = flat if index is None else flat[index]
         return flat, h, TokenView(tokens, seq_len, index)
 
-    def _compute(self, h: torch.Tensor, routing: Routing) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        expert = routing.expert
+    def _compute(self, h: torch.Tensor, decision: RoutingDecision) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        expert = decision.expert
         expert_sorted, order = torch.sort(expert, stable=True)
-        counts = routing.counts if routing.counts is not None else torch.bincount(expert, minlength=self.num_experts)
+        counts = decision.counts if decision.counts is not None else torch.bincount(expert, minlength=self.num_experts)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         dropped = counts.new_zeros(())
         if factor > 0:
@@ -144,16 +145,16 @@ class MoELayer(nn.Module):
         inverse = inverse_permutation(order) if order.numel() == h.size(0) else None
         x_sorted = h[order] if inverse is None else _Permute.apply(h, order, inverse)
         y_sorted = self.dispatcher(x_sorted, counts.tolist(), self.experts)
-        if routing.gate is not None:
-            y_sorted = torch.lerp(x_sorted, y_sorted, routing.gate[order].to(y_sorted.dtype).unsqueeze(1))
+        if decision.gate is not None:
+            y_sorted = torch.lerp(x_sorted, y_sorted, decision.gate[order].to(y_sorted.dtype).unsqueeze(1))
         aux = {
-            **{f"{k}_loss": v for k, v in routing.losses.items()},
-            **routing.stats,
+            **{f"{k}_loss": v for k, v in decision.losses.items()},
+            **decision.stats,
             "tokens": h.new_tensor(h.size(0), dtype=torch.long),
             "dropped": dropped,
         }
-        if routing.gate is not None:  # its distribution: what a closing gate does to the experts (issue 20)
-            aux["gate"] = gate_row(routing.gate)
+        if decision.gate is not None:  # its distribution: what a closing gate does to the experts (issue 20)
+            aux["gate"] = gate_row(decision.gate)
         if inverse is None:  # dropped tokens pass through unchanged
             return h.index_copy(0, order, y_sorted), aux
         return _Permute.apply(y_sorted, inverse, order), aux

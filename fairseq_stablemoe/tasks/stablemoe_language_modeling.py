@@ -10,7 +10,7 @@ from omegaconf import II
 from ..guard import GuardedTask
 from .routing_probes import RoutingProbeConfig
 from . import skipped_samples  # noqa: F401  (counts what any task skips: fairseq_stablemoe/tasks/skipped_samples.py)
-from .stage import StageSwitchingTask
+from .moe_task import MoETask
 from .stage1_auto import Stage1AutoConfig
 
 
@@ -33,7 +33,7 @@ class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig
 
 
 @register_task("stablemoe_language_modeling", dataclass=StableMoELanguageModelingConfig)
-class StableMoELanguageModelingTask(GuardedTask, StageSwitchingTask, LanguageModelingTask):
+class StableMoELanguageModelingTask(GuardedTask, MoETask, LanguageModelingTask):
     """fairseq's language_modeling, plus the StableMoE stage switch and routing probes in the update loop."""
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):

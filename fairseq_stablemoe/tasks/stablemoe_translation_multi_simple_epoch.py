@@ -11,11 +11,11 @@ from ..moe import moe_layers
 from .language_experts import language_expert_counts, log_language_usage, routing_decisions
 from .routing_probes import add_routing_probe_args
 from .stage1_auto import add_stage1_auto_args
-from .stage import StageSwitchingTask
+from .moe_task import MoETask
 
 
 @register_task("stablemoe_translation_multi_simple_epoch")
-class StableMoETranslationMultiSimpleEpochTask(GuardedTask, StageSwitchingTask, TranslationMultiSimpleEpochTask):
+class StableMoETranslationMultiSimpleEpochTask(GuardedTask, MoETask, TranslationMultiSimpleEpochTask):
     """Language tokens, temperature sampling, one or many pairs, shared or separate dictionaries: all fairseq's.
     Adds the stage switch, routing probes (--routing-probe-interval) and per-language expert usage."""
 

@@ -1,4 +1,4 @@
-from .base import CentroidRouting, Routing, RoutingStrategy, TokenView, Vocabulary, affinities, expert_load
+from .base import CentroidRouting, RoutingDecision, RoutingStrategy, TokenView, Vocabulary, affinities, expert_load
 from .base_layer import BASERouting
 from .dense import DeeperDenseRouting, DenseRouting, WiderDenseRouting
 from .hash import HashRouting

@@ -12,7 +12,7 @@ from ..comm import all_reduce_sum
 
 
 @dataclass
-class Routing:
+class RoutingDecision:
     expert: torch.Tensor  # (n,) expert of each token
     gate: Optional[torch.Tensor]  # (n,) weight of the expert's output; None = hard {0,1} gate
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)  # token sums, weighted by the criterion
@@ -56,7 +56,7 @@ class RoutingStrategy(nn.Module, abc.ABC):
         """The routing --moe-routing names, from the model's config, its width and its vocabulary."""
 
     @abc.abstractmethod
-    def forward(self, h: torch.Tensor, tokens: "TokenView") -> Routing:
+    def forward(self, h: torch.Tensor, tokens: "TokenView") -> RoutingDecision:
         """Each of h's rows' expert and gate (and the losses and statistics of this forward)."""
 
     @abc.abstractmethod

@@ -9,7 +9,7 @@ assignment), so the whole batch is balanced too.
 """
 import torch
 
-from .base import CentroidRouting, Routing, TokenView, affinities, expert_load
+from .base import CentroidRouting, RoutingDecision, TokenView, affinities, expert_load
 
 _libbase = None
 
@@ -59,9 +59,9 @@ class BASERouting(CentroidRouting):
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
         return balanced_assignment(affinities(h, self.centroids))
 
-    def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
+    def forward(self, h: torch.Tensor, tokens: TokenView) -> RoutingDecision:
         s = affinities(h, self.centroids)
         expert = balanced_assignment(s) if self.training else s.detach().argmax(-1)
         gate = torch.sigmoid(s.gather(1, expert[:, None]).squeeze(1))
         load = expert_load(expert, self.num_experts, global_=self.training)
-        return Routing(expert=expert, gate=gate, stats={"load": load})
+        return RoutingDecision(expert=expert, gate=gate, stats={"load": load})

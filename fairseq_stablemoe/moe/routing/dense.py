@@ -8,7 +8,7 @@ The layer then holds one "expert" whose parameters count as shared, not expert, 
 """
 import torch
 
-from .base import Routing, RoutingStrategy, TokenView, Vocabulary
+from .base import RoutingDecision, RoutingStrategy, TokenView, Vocabulary
 
 
 class DenseRouting(RoutingStrategy):
@@ -25,8 +25,8 @@ class DenseRouting(RoutingStrategy):
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
         return h.new_zeros(h.size(0), dtype=torch.long)
 
-    def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
-        return Routing(expert=self.decide(h, tokens), gate=None)
+    def forward(self, h: torch.Tensor, tokens: TokenView) -> RoutingDecision:
+        return RoutingDecision(expert=self.decide(h, tokens), gate=None)
 
 
 class DeeperDenseRouting(DenseRouting):

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .base import Routing, RoutingStrategy, TokenView, Vocabulary, chosen_affinity, expert_load
+from .base import RoutingDecision, RoutingStrategy, TokenView, Vocabulary, chosen_affinity, expert_load
 
 
 def balanced_hash(token_counts: Sequence[int], num_experts: int) -> torch.Tensor:
@@ -69,9 +69,9 @@ class HashRouting(RoutingStrategy):
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
         return self.table[tokens.ids()]
 
-    def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
+    def forward(self, h: torch.Tensor, tokens: TokenView) -> RoutingDecision:
         expert = self.decide(h, tokens)
         # --hash-gate sigmoid: StableMoE's Eq. 14 on the table's expert
         gate = None if self.centroids is None else torch.sigmoid(chosen_affinity(h, self.centroids, expert)[0])
-        return Routing(expert=expert, gate=gate,
+        return RoutingDecision(expert=expert, gate=gate,
                        stats={"load": expert_load(expert, self.num_experts, global_=self.training)})

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distilled_router import DistilledRouter, build_distilled_router
-from .base import CentroidRouting, Routing, TokenView, Vocabulary, affinities, chosen_affinity, load_and_counts
+from .base import CentroidRouting, RoutingDecision, TokenView, Vocabulary, affinities, chosen_affinity, load_and_counts
 from .base_layer import balanced_assignment
 
 
@@ -152,7 +152,7 @@ class StableMoERouting(CentroidRouting):
     def stage1_assignment(self, s: torch.Tensor) -> torch.Tensor:
         return balanced_assignment(s) if self.balanced_stage1 else s.detach().argmax(-1)  # (6)
 
-    def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
+    def forward(self, h: torch.Tensor, tokens: TokenView) -> RoutingDecision:
         if self.training and not self.in_stage2:
             s = affinities(h, self.centroids)  # (5), differentiable only through the gate below
             a = self.stage1_assignment(s)  # (6)
@@ -161,7 +161,7 @@ class StableMoERouting(CentroidRouting):
             losses = {} if self.balanced_stage1 else {"balance": balance_loss(load, a, gate)}  # (8)
             s_hat = tokens.select(self.distilled_router(tokens.tokens, tokens.last))  # (9)
             losses["distill"] = F.cross_entropy(s_hat, a, reduction="sum")  # (10)
-            return Routing(
+            return RoutingDecision(
                 expert=a,
                 gate=gate,
                 losses=losses,
@@ -182,5 +182,5 @@ class StableMoERouting(CentroidRouting):
                 s, gate = affinities(h, self.centroids), None
         agree = (a_hat == s.argmax(-1)).sum()  # logged: how often the frozen router still picks (6)'s expert
         load, counts = load_and_counts(a_hat, self.num_experts, global_=self.training)
-        return Routing(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree},
+        return RoutingDecision(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree},
                        counts=counts)

@@ -8,7 +8,7 @@ Capacity (--capacity-factor) is the layer's job.
 """
 import torch
 
-from .base import CentroidRouting, Routing, TokenView, affinities, expert_load
+from .base import CentroidRouting, RoutingDecision, TokenView, affinities, expert_load
 
 
 def switch_loss(probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
@@ -26,10 +26,10 @@ class SwitchRouting(CentroidRouting):
     def decide(self, h: torch.Tensor, tokens: TokenView) -> torch.Tensor:
         return affinities(h, self.centroids).argmax(-1)
 
-    def forward(self, h: torch.Tensor, tokens: TokenView) -> Routing:
+    def forward(self, h: torch.Tensor, tokens: TokenView) -> RoutingDecision:
         probs = affinities(h, self.centroids).softmax(-1)
         expert = probs.detach().argmax(-1)
         gate = probs.gather(1, expert[:, None]).squeeze(1)
         load = expert_load(expert, self.num_experts, global_=self.training)
         losses = {"switch": switch_loss(probs, load)} if self.training else {}
-        return Routing(expert=expert, gate=gate, losses=losses, stats={"load": load})
+        return RoutingDecision(expert=expert, gate=gate, losses=losses, stats={"load": load})
