@@ -260,7 +260,7 @@ def test_training_logs_and_records_the_gate(tmp_path):
 
 
 def test_resuming_with_another_gate_or_table_is_refused():
-    from fairseq_stablemoe import resume_checks
+    from fairseq_stablemoe.checks import resume_checks
 
     saved = {"moe_routing": "hash", "hash_gate": "sigmoid", "stage2_gate": "sigmoid", "hash_table": "a.pt"}
     now = {"moe_routing": "hash", "hash_gate": "none", "stage2_gate": "one", "hash_table": "b.pt"}

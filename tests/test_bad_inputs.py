@@ -9,7 +9,7 @@ import torch
 
 import helpers
 from fairseq_stablemoe.checkpoints import CheckpointError, prepare_resume
-from fairseq_stablemoe import preflight
+from fairseq_stablemoe.checks import preflight
 from fairseq_stablemoe.moe import comm
 
 

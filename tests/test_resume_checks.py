@@ -36,7 +36,7 @@ def test_changed_moe_flags_are_named_with_both_values(trained, tmp_path):
 
 
 def test_translation_per_side_flags_are_compared():
-    from fairseq_stablemoe import resume_checks
+    from fairseq_stablemoe.checks import resume_checks
 
     saved = {"encoder_moe_layers": 1, "decoder_moe_layers": 1, "encoder_moe_position": "middle", "moe_experts": 8}
     now = {"encoder_moe_layers": 0, "decoder_moe_layers": 1, "encoder_moe_position": "top", "moe_experts": 8}

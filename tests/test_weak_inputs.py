@@ -8,7 +8,7 @@ import torch
 from fairseq import checkpoint_utils
 
 import helpers
-from fairseq_stablemoe import preflight, resume_checks
+from fairseq_stablemoe.checks import preflight, resume_checks
 from fairseq_stablemoe.checkpoints import CheckpointError, load_checked
 
 

@@ -11,7 +11,7 @@ from fairseq.models.transformer_lm import (
 
 from ..moe import DecoderMoELayer, FeedsDecoderTokenIds, MoEConfig, MoESettings, Vocabulary, build_moe_layer, \
     place_moe_layers
-from ..preflight import check_model_config
+from ..checks.preflight import check_model_config
 from .common import MoEModelMixin, set_defaults
 
 

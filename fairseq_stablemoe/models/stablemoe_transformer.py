@@ -16,7 +16,7 @@ from ..moe import (
     DecoderMoELayer, EncoderMoELayer, FeedsDecoderTokenIds, FeedsEncoderTokenIds, MoELayer, MoELayerConfig,
     MoESettings, Vocabulary, build_moe_layer, place_moe_layers,
 )
-from ..preflight import check_model_config
+from ..checks.preflight import check_model_config
 from ..moe.config import MOE_POSITIONS
 from .common import MoEModelMixin, set_defaults
 

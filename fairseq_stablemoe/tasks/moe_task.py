@@ -9,7 +9,7 @@ from ..legacy_optimizer_state import convert_when_loaded
 from ..moe import comm, moe_layers, parameter_counts
 from ..moe.expert_parallel import drop_gathered_experts, gather_experts, scale_expert_gradients, sharded_layers
 from ..options import option, task_config, task_option
-from ..resume_checks import resume_path
+from ..checks.resume_checks import resume_path
 from .expert_load_record import ExpertLoadRecord
 from .routing_probes import RoutingProbes
 from .stage import advance_stages, end_stage1_when_settled, staged_routings, warn_stage_schedule

@@ -7,7 +7,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import II
 
-from ..guard import GuardedTask
+from ..checks.guard import GuardedTask
 from .routing_probes import RoutingProbeConfig
 from . import skipped_samples  # noqa: F401  (counts what any task skips: fairseq_stablemoe/tasks/skipped_samples.py)
 from .moe_task import MoETask
@@ -20,7 +20,7 @@ class StableMoELanguageModelingConfig(LanguageModelingConfig, RoutingProbeConfig
     max_update: int = II("optimization.max_update")
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
-    # what the checks before training read (fairseq_stablemoe/preflight.py, resume_checks.py)
+    # what the checks before training read (fairseq_stablemoe/checks/)
     finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
     reset_optimizer: bool = II("checkpoint.reset_optimizer")
     fp16: bool = II("common.fp16")

@@ -6,7 +6,7 @@ from fairseq.data.multilingual.multilingual_utils import get_lang_tok
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
-from ..guard import GuardedTask
+from ..checks.guard import GuardedTask
 from ..moe import moe_layers
 from .language_experts import language_expert_counts, log_language_usage, routing_decisions
 from .routing_probes import add_routing_probe_args

@@ -7,10 +7,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .dictionaries import check_fingerprints
-from .moe import MoESettings, comm
-from .options import option, task_option
-from .safe_config import refuse_evaluated_code
+from ..dictionaries import check_fingerprints
+from ..moe import MoESettings, comm
+from ..options import option, task_option
+from ..safe_config import refuse_evaluated_code
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .checkpoints import check_checkpoint, prepare_resume
-from .moe import comm
-from .moe.config import flag
-from .options import option, task_option
+from ..checkpoints import check_checkpoint, prepare_resume
+from ..moe import comm
+from ..moe.config import flag
+from ..options import option, task_option
 from .preflight import moe_settings
 
 logger = logging.getLogger(__name__)

@@ -10,15 +10,15 @@ import os
 
 from omegaconf import OmegaConf
 
-from .dictionaries import check_fingerprints, task_fingerprints
-from .moe import comm
-from .options import option, task_option
+from ..dictionaries import check_fingerprints, task_fingerprints
+from ..moe import comm
+from ..options import option, task_option
+from ..run_lock import lock_save_dir
+from ..safe_config import refuse_evaluated_code
 from .preflight import check_model_config, check_precision, training_memory_check, warn_unusable_experts
 from .resume_checks import (
     check_world_size, checkpoint_to_load, compare_moe_settings, read_checkpoint, refuse_finished_run,
 )
-from .run_lock import lock_save_dir
-from .safe_config import refuse_evaluated_code
 
 
 class GuardedTask:
