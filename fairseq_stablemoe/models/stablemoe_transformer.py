@@ -17,6 +17,7 @@ from ..moe import (
     MoESettings, Vocabulary, build_moe_layer, place_moe_layers,
 )
 from ..checks.preflight import check_model_config
+from ..options import option
 from ..moe.config import MOE_POSITIONS
 from .common import MoEModelMixin, set_defaults
 
@@ -69,7 +70,7 @@ class StableMoETransformerModel(MoEModelMixin, TransformerModel):
         for placement in settings.placements:
             side = placement.side
             stack, dictionary, layer_cls = stacks[side]
-            dim, ffn_dim = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_ffn_embed_dim")
+            dim, ffn_dim = option(args, f"{side}_embed_dim"), option(args, f"{side}_ffn_embed_dim")
             layers = [build_moe_layer(settings, dim, ffn_dim, Vocabulary.of(dictionary), args.activation_fn,
                                       layer_cls) for _ in range(placement.layers)]
             place_moe_layers(stack.layers, layers, placement.position)

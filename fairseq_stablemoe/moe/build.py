@@ -22,11 +22,7 @@ def build_moe_layer(cfg, dim: int, ffn_dim: int, vocab: Vocabulary, activation: 
     size (the experts' default). `cfg`: MoESettings, or a config it is made of."""
     settings = MoESettings.of(cfg)
     num_experts, expert_ffn_dim, sublayers = settings.expert_layout(ffn_dim)
-    world = settings.expert_parallel_world(comm.world_size())
-    if world == 1 < comm.world_size() and num_experts > 1 and settings.moe_expert_parallel == "auto":
-        logger.warning(f"{comm.world_size()} processes do not divide --moe-experts {num_experts}: every rank holds "
-                       f"all experts (no expert parallelism); use a multiple of {comm.world_size()} experts to shard "
-                       f"them")
+    world = settings.expert_parallel_world(comm.world_size(), warn=True)
     rank = comm.rank() if world > 1 else 0
     # drawn on every rank alike, so expert i has the same weights wherever it lives
     seed = int(torch.randint(2**31 - 1 - num_experts, (), device="cpu").item())

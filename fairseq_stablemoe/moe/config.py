@@ -1,4 +1,5 @@
 """The MoE flags shared by every model of the plugin, and their checks."""
+import logging
 import math
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional, Tuple
@@ -19,6 +20,8 @@ HASH_TYPES = ChoiceEnum(["balanced", "random", "file"])
 HASH_GATES = ChoiceEnum(["none", "sigmoid"])
 STAGE2_GATES = ChoiceEnum(["sigmoid", "one"])
 STAGE1_ASSIGNMENTS = ChoiceEnum(["greedy", "balanced"])
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,9 +180,10 @@ class MoESettings:
     def num_experts(self) -> int:
         return self.expert_layout(0)[0]
 
-    def expert_parallel_world(self, world: int) -> int:
+    def expert_parallel_world(self, world: int, warn: bool = False) -> int:
         """How many of `world` processes each layer's experts are sharded over; 1 = every expert on every rank
-        (also a dense control's one FFN stack, shared like any parameter)."""
+        (also a dense control's one FFN stack, shared like any parameter). `warn`: say so where auto falls back to
+        replicated experts (the layer's builder does, once per layer)."""
         experts = self.num_experts
         if world == 1 or self.moe_expert_parallel == "off" or experts == 1:
             return 1
@@ -189,7 +193,10 @@ class MoESettings:
             fail(f"--moe-expert-parallel on needs the number of processes ({world}) to divide --moe-experts "
                  f"({experts}); use a multiple of {world} experts, or --moe-expert-parallel off to replicate the "
                  f"experts on every rank")
-        return 1  # auto, not divisible: replicated (build_moe_layer says so)
+        if warn:  # auto, not divisible: replicated
+            logger.warning(f"{world} processes do not divide --moe-experts {experts}: every rank holds all experts "
+                           f"(no expert parallelism); use a multiple of {world} experts to shard them")
+        return 1
 
 
 def placements_of(cfg) -> Tuple[Placement, ...]:
