@@ -24,75 +24,77 @@ STAGE1_ASSIGNMENTS = ChoiceEnum(["greedy", "balanced"])
 logger = logging.getLogger(__name__)
 
 
+# each MoE flag's --help text (the fields below stay one line each)
+HELP = {
+    "moe_experts": "experts per MoE layer (N)",
+    "moe_sublayers": "pre-LN residual FFN sublayers per expert",
+    "moe_ffn_embed_dim": "expert FFN inner size (0 = the model's FFN size)",
+    "moe_routing": "routing strategy: stablemoe, the baselines switch, base (BASE layers), hash, or a dense "
+                   "control: dense (one expert's FFN stack, FLOP-matched), dense_deeper / dense_wider (all experts' "
+                   "parameters in one stack: --moe-experts × the sublayers / FFN size)",
+    "hash_type": "--moe-routing hash: token -> expert table balanced by the training data's token frequencies (Hash "
+                 "Layers), seeded random, or file: the frozen routing table of a StableMoE checkpoint (--hash-table)",
+    "hash_table": "--hash-type file: a StableMoE checkpoint written in stage 2 with --distilled-router wordemb and "
+                  "the same dictionary; its token -> expert table routes from update 0 (an ablation beyond the "
+                  "paper)",
+    "hash_gate": "--moe-routing hash: none (Hash Layers: the expert's output as is), or sigmoid: StableMoE's gate "
+                 "σ(E_e·h) on the table's expert e, with learned centroids E (an ablation beyond the paper)",
+    "stage2_gate": "StableMoE's gate in stage 2 and inference: sigmoid (the paper's Eq. 14, σ(E_â·h)) or one (the "
+                   "expert's output as is; an ablation beyond the paper). Stage 1 keeps σ, which its balance loss "
+                   "needs",
+    "stage1_assignment": "StableMoE stage-1 assignment: greedy (the paper's Eq. 6), or BASE layers' balanced "
+                         "assignment with no balance loss (the 'BASE Layer + fixed routing' ablation, paper Table 5)",
+    "stage1_updates": "StableMoE: updates of stage 1; from this update on the distilled router is frozen and routes "
+                      "alone (stage 2). auto: stage 1 ends when the routing probes find the routing settled "
+                      "(--stage1-auto-*; needs --routing-probe-interval)",
+    "distilled_router": "StableMoE distilled router: word embedding, causal width-5 CNN, bigram embedding, or a "
+                        "small causal Transformer",
+    "distilled_dim": "StableMoE distilled router feature size",
+    "distilled_router_layers": "--distilled-router transformer: its causal Transformer blocks (paper Table 6: 1, 2, "
+                               "3)",
+    "capacity_factor": "training: an expert takes at most factor × tokens / experts tokens, the rest pass through "
+                       "unchanged (0 = unlimited)",
+    "eval_capacity_factor": "the same at validation and inference (0 = unlimited)",
+    "moe_expert_parallel": "with W > 1 processes: shard the experts, N/W per rank, and send tokens to them by "
+                           "all-to-all (on), or replicate every expert on every rank (off); auto = on when W "
+                           "divides --moe-experts",
+    "dictionary_fingerprints": "set by fairseq-train: the dictionaries the model is trained with "
+                               "(fairseq_stablemoe/dictionaries.py); loading refuses other ones",
+    "moe_layers": "number of MoE layers",
+    "moe_position": "where MoE layers go: stacked after block L/2 (middle), after the last block (top), before the "
+                    "first (bottom), or one after each of evenly spaced blocks (scattered)",
+}
+
+
 @dataclass
 class MoELayerConfig(FairseqDataclass):
     """What one MoE layer is: experts, routing, distilled router, capacity, expert parallelism."""
 
-    moe_experts: int = field(default=32, metadata={"help": "experts per MoE layer (N)"})
-    moe_sublayers: int = field(default=3, metadata={"help": "pre-LN residual FFN sublayers per expert"})
-    moe_ffn_embed_dim: int = field(default=0, metadata={"help": "expert FFN inner size (0 = the model's FFN size)"})
-    moe_routing: MOE_ROUTINGS = field(
-        default="stablemoe",
-        metadata={"help": "routing strategy: stablemoe, the baselines switch, base (BASE layers), hash, or a dense "
-                          "control: dense (one expert's FFN stack, FLOP-matched), dense_deeper / dense_wider "
-                          "(all experts' parameters in one stack: --moe-experts × the sublayers / FFN size)"})
-    hash_type: HASH_TYPES = field(
-        default="balanced", metadata={"help": "--moe-routing hash: token -> expert table balanced by the training "
-                                              "data's token frequencies (Hash Layers), seeded random, or file: "
-                                              "the frozen routing table of a StableMoE checkpoint (--hash-table)"})
-    hash_table: Optional[str] = field(
-        default=None, metadata={"help": "--hash-type file: a StableMoE checkpoint written in stage 2 with "
-                                        "--distilled-router wordemb and the same dictionary; its token -> expert "
-                                        "table routes from update 0 (an ablation beyond the paper)"})
-    hash_gate: HASH_GATES = field(
-        default="none", metadata={"help": "--moe-routing hash: none (Hash Layers: the expert's output as is), or "
-                                          "sigmoid: StableMoE's gate σ(E_e·h) on the table's expert e, with learned "
-                                          "centroids E (an ablation beyond the paper)"})
-    stage2_gate: STAGE2_GATES = field(
-        default="sigmoid", metadata={"help": "StableMoE's gate in stage 2 and inference: sigmoid (the paper's "
-                                             "Eq. 14, σ(E_â·h)) or one (the expert's output as is; an ablation "
-                                             "beyond the paper). Stage 1 keeps σ, which its balance loss needs"})
-    stage1_assignment: STAGE1_ASSIGNMENTS = field(
-        default="greedy", metadata={"help": "StableMoE stage-1 assignment: greedy (the paper's Eq. 6), or BASE "
-                                            "layers' balanced assignment with no balance loss (the 'BASE Layer + "
-                                            "fixed routing' ablation, paper Table 5)"})
-    stage1_updates: str = field(
-        default="6000", metadata={"help": "StableMoE: updates of stage 1; from this update on the distilled "
-                                           "router is frozen and routes alone (stage 2). auto: stage 1 ends when "
-                                           "the routing probes find the routing settled (--stage1-auto-*; needs "
-                                           "--routing-probe-interval)"})
-    distilled_router: DISTILLED_ROUTER_TYPES = field(
-        default="wordemb", metadata={"help": "StableMoE distilled router: word embedding, causal width-5 CNN, "
-                                             "bigram embedding, or a small causal Transformer"})
-    distilled_dim: int = field(default=50, metadata={"help": "StableMoE distilled router feature size"})
-    distilled_router_layers: int = field(
-        default=1, metadata={"help": "--distilled-router transformer: its causal Transformer blocks (paper Table 6: "
-                                     "1, 2, 3)"})
-    capacity_factor: float = field(
-        default=0.0, metadata={"help": "training: an expert takes at most factor × tokens / experts tokens, "
-                                       "the rest pass through unchanged (0 = unlimited)"})
-    eval_capacity_factor: float = field(
-        default=0.0, metadata={"help": "the same at validation and inference (0 = unlimited)"})
-    moe_expert_parallel: EXPERT_PARALLEL_MODES = field(
-        default="auto",
-        metadata={"help": "with W > 1 processes: shard the experts, N/W per rank, and send tokens to them by "
-                          "all-to-all (on), or replicate every expert on every rank (off); auto = on when W "
-                          "divides --moe-experts"})
-    dictionary_fingerprints: Optional[str] = field(
-        default=None, metadata={"help": "set by fairseq-train: the dictionaries the model is trained with "
-                                        "(fairseq_stablemoe/dictionaries.py); loading refuses other ones"})
+    moe_experts: int = field(default=32, metadata={"help": HELP["moe_experts"]})
+    moe_sublayers: int = field(default=3, metadata={"help": HELP["moe_sublayers"]})
+    moe_ffn_embed_dim: int = field(default=0, metadata={"help": HELP["moe_ffn_embed_dim"]})
+    moe_routing: MOE_ROUTINGS = field(default="stablemoe", metadata={"help": HELP["moe_routing"]})
+    hash_type: HASH_TYPES = field(default="balanced", metadata={"help": HELP["hash_type"]})
+    hash_table: Optional[str] = field(default=None, metadata={"help": HELP["hash_table"]})
+    hash_gate: HASH_GATES = field(default="none", metadata={"help": HELP["hash_gate"]})
+    stage2_gate: STAGE2_GATES = field(default="sigmoid", metadata={"help": HELP["stage2_gate"]})
+    stage1_assignment: STAGE1_ASSIGNMENTS = field(default="greedy", metadata={"help": HELP["stage1_assignment"]})
+    stage1_updates: str = field(default="6000", metadata={"help": HELP["stage1_updates"]})
+    distilled_router: DISTILLED_ROUTER_TYPES = field(default="wordemb", metadata={"help": HELP["distilled_router"]})
+    distilled_dim: int = field(default=50, metadata={"help": HELP["distilled_dim"]})
+    distilled_router_layers: int = field(default=1, metadata={"help": HELP["distilled_router_layers"]})
+    capacity_factor: float = field(default=0.0, metadata={"help": HELP["capacity_factor"]})
+    eval_capacity_factor: float = field(default=0.0, metadata={"help": HELP["eval_capacity_factor"]})
+    moe_expert_parallel: EXPERT_PARALLEL_MODES = field(default="auto", metadata={"help": HELP["moe_expert_parallel"]})
+    dictionary_fingerprints: Optional[str] = field(default=None, metadata={"help": HELP["dictionary_fingerprints"]})
 
 
 @dataclass
 class MoEConfig(MoELayerConfig):
     """MoE layers in one stack of blocks (stablemoe_lm): the layer, and where the layers go."""
 
-    moe_layers: int = field(default=1, metadata={"help": "number of MoE layers"})
-    moe_position: MOE_POSITIONS = field(
-        default="middle",
-        metadata={"help": "where MoE layers go: stacked after block L/2 (middle), after the last block (top), "
-                          "before the first (bottom), or one after each of evenly spaced blocks (scattered)"},
-    )
+    moe_layers: int = field(default=1, metadata={"help": HELP["moe_layers"]})
+    moe_position: MOE_POSITIONS = field(default="middle", metadata={"help": HELP["moe_position"]})
 
 
 def fail(msg):
