@@ -13,12 +13,40 @@ import torch
 from fairseq import checkpoint_utils
 from omegaconf import OmegaConf
 
-from .moe.expert_keys import CHECKPOINT_NAMES, expert_entry, legacy_parameter_names, trainable_names
+from .moe import MoESettings
+from .moe.expert_bank import PARAMETERS
+from .moe.expert_keys import CHECKPOINT_NAMES, expert_entry, trainable_names
+from .moe.expert_parallel import expert_shard
 from .moe.experts import Experts
 
 logger = logging.getLogger(__name__)
 
 _pending: Dict[str, "StackExpertMoments"] = {}  # real path -> its conversion, applied when fairseq loads it
+
+
+def legacy_parameter_names(model: torch.nn.Module, cfg, world: int) -> List[str]:
+    """The trainable parameters fairseq handed its optimizer, in order, as the plugin named them before the
+    experts' weights were stacked: one module per expert, in id order, holding rank 0's experts only (of `world`
+    processes training the model `cfg` describes)."""
+    shards = MoESettings.of(cfg).expert_parallel_world(world)
+    banks = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
+    names, done = [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        bank = banks.get(owner)
+        if bank is None or leaf not in CHECKPOINT_NAMES:
+            names.append(name)
+            continue
+        if owner in done:
+            continue
+        done.add(owner)
+        num_experts = model.get_submodule(owner.rpartition(".")[0]).num_experts  # the MoE layer's
+        ids = expert_shard(num_experts, shards if num_experts > 1 else 1, 0)
+        names.extend(expert_entry(owner, i, s, parameter) for i in ids for s in range(bank.sublayers)
+                     for parameter in PARAMETERS)
+    return names
 
 
 class StackExpertMoments:

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 
 from .atomic import atomic_open
 from .checkpoints import load_checked
-from .moe.expert_keys import is_expert_parameter, legacy_parameter_names, trainable_names
+from .legacy_optimizer_state import legacy_parameter_names
+from .moe.expert_keys import is_expert_parameter, trainable_names
 
 logger = logging.getLogger("fairseq_stablemoe.reshard_checkpoint")
 

@@ -102,7 +102,7 @@ def unstack(optim_state, names, legacy_names, banks):
 @pytest.mark.slow
 def test_a_per_expert_module_checkpoint_resumes_with_its_optimizer_state(tmp_path):
     from fairseq_stablemoe.legacy_optimizer_state import StackExpertMoments
-    from fairseq_stablemoe.moe.expert_keys import legacy_parameter_names
+    from fairseq_stablemoe.legacy_optimizer_state import legacy_parameter_names
 
     data, save_dir = helpers.trained_tiny_lm(tmp_path, stage1=2, max_update=3)
     state = torch.load(f"{save_dir}/checkpoint_last.pt", weights_only=True)

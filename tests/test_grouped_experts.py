@@ -9,7 +9,8 @@ import torch.nn as nn
 from fairseq_stablemoe.moe import MoEConfig, Vocabulary, build_moe_layer, expert_bank
 from fairseq_stablemoe.moe import experts as experts_module
 from fairseq_stablemoe.moe.experts import Experts, build_expert, grouped_mm_works
-from fairseq_stablemoe.moe.expert_keys import is_expert_parameter, legacy_parameter_names
+from fairseq_stablemoe.legacy_optimizer_state import legacy_parameter_names
+from fairseq_stablemoe.moe.expert_keys import is_expert_parameter
 
 DIM, FFN, SUBLAYERS = 16, 32, 2
 LOADS = {"balanced": [5, 5, 5, 5], "empty experts": [0, 9, 0, 3], "one expert takes all": [0, 0, 12, 0],

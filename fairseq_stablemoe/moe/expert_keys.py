@@ -38,31 +38,3 @@ def trainable_names(model: nn.Module) -> List[str]:
     """The parameters fairseq hands to its optimizer, in order: the experts' stacked weights do not depend on the
     number of processes (only their shapes do)."""
     return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def legacy_parameter_names(model: nn.Module, cfg, world: int) -> List[str]:
-    """The same as the plugin named them before the experts' weights were stacked: one module per expert, in id
-    order, holding rank 0's experts only (of `world` processes training the model `cfg` describes)."""
-    from .config import MoESettings
-    from .expert_parallel import expert_shard
-    from .experts import Experts
-
-    shards = MoESettings.of(cfg).expert_parallel_world(world)
-    banks = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
-    names, done = [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        owner, _, leaf = name.rpartition(".")
-        bank = banks.get(owner)
-        if bank is None or leaf not in CHECKPOINT_NAMES:
-            names.append(name)
-            continue
-        if owner in done:
-            continue
-        done.add(owner)
-        num_experts = model.get_submodule(owner.rpartition(".")[0]).num_experts  # the MoE layer's
-        ids = expert_shard(num_experts, shards if num_experts > 1 else 1, 0)
-        names.extend(expert_entry(owner, i, s, parameter) for i in ids for s in range(bank.sublayers)
-                     for parameter in PARAMETERS)
-    return names
