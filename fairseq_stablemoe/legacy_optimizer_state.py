@@ -28,7 +28,8 @@ def legacy_parameter_names(model: torch.nn.Module, cfg, world: int) -> List[str]
     """The trainable parameters fairseq handed its optimizer, in order, as the plugin named them before the
     experts' weights were stacked: one module per expert, in id order, holding rank 0's experts only (of `world`
     processes training the model `cfg` describes)."""
-    shards = MoESettings.of(cfg).expert_parallel_world(world)
+    settings = MoESettings.of(cfg)
+    ids = expert_shard(settings.num_experts, settings.expert_parallel_world(world), 0)  # rank 0's
     banks = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
     names, done = [], set()
     for name, p in model.named_parameters():
@@ -42,8 +43,6 @@ def legacy_parameter_names(model: torch.nn.Module, cfg, world: int) -> List[str]
         if owner in done:
             continue
         done.add(owner)
-        num_experts = model.get_submodule(owner.rpartition(".")[0]).num_experts  # the MoE layer's
-        ids = expert_shard(num_experts, shards if num_experts > 1 else 1, 0)
         names.extend(expert_entry(owner, i, s, parameter) for i in ids for s in range(bank.sublayers)
                      for parameter in PARAMETERS)
     return names

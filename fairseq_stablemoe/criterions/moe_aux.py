@@ -14,7 +14,7 @@ def load_spread(load: torch.Tensor) -> Dict[str, torch.Tensor]:
     load = load.float()
     mean = load.mean().clamp(min=1e-9)
     return {"load_max_over_mean": load.max() / mean, "load_cv": load.std(unbiased=False) / mean,
-            "unused_experts": (load == 0).sum(), "forwards": torch.ones((), dtype=torch.long)}
+            "unused_experts": (load == 0).sum()}
 
 
 PER_LAYER = ("tokens", "distill_agree", "load_cv", "unused_experts", "forwards")  # logged as moe{i}_<key>
@@ -35,8 +35,8 @@ def collect_moe_aux(model, net_output) -> Dict[str, torch.Tensor]:
         load = aux.pop("load", None)
         if load is not None:
             loads.append(load)
-            ran = aux["forwards"]
-            aux.update({key: value * ran for key, value in load_spread(load).items()})  # nothing if it did not run
+            ran = aux["forwards"]  # 0 for a layer layerdrop skipped: its spread counts for nothing
+            aux.update({key: value * ran for key, value in load_spread(load).items()})
         if "stage" in aux:
             stages.append(aux.pop("stage"))
         for key, value in aux.items():

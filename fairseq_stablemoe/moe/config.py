@@ -169,10 +169,6 @@ class MoESettings:
             fail("--encoder-moe-layers and --decoder-moe-layers are both 0: that is fairseq's transformer; use "
                  "--arch transformer, or place at least one MoE layer")
 
-    @property
-    def dense(self) -> bool:
-        return ROUTINGS[self.moe_routing].dense
-
     def expert_layout(self, model_ffn_dim: int) -> Tuple[int, int, int]:
         """(experts, expert FFN inner size, sublayers per expert) of one layer: the routing decides (a dense
         control holds one FFN stack)."""

@@ -89,17 +89,23 @@ class MoELayer(nn.Module):
           per expert and `gate`, a gate_stats row (zeros without a soft gate);
         - a staged routing: `stage` (1 or 2) and `distill_agree` (tokens whose distilled route is the backbone's).
         """
-        device = self.experts.device
-        zero = lambda dtype=torch.long: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
-        full = {f"{name}_loss": zero(torch.float32) for name in self.routing.loss_names}
-        full.update(tokens=zero(), dropped=zero())
+        full, device = dict(aux), self.experts.device
+
+        def fill(key, *shape, value=0, dtype=torch.long):  # torch.full: no host-to-device copy on a GPU
+            if key not in full:
+                full[key] = torch.full(shape, value, dtype=dtype, device=device)
+
+        for name in self.routing.loss_names:
+            fill(f"{name}_loss", dtype=torch.float32)
+        fill("tokens")
+        fill("dropped")
         if not self.routing.dense:
-            full.update(forwards=torch.tensor(int(ran), device=device),
-                        load=torch.zeros(self.num_experts, dtype=torch.long, device=device),
-                        gate=torch.zeros(gate_stats.ROW, dtype=torch.float64, device=device))
+            fill("forwards", value=int(ran))
+            fill("load", self.num_experts)
+            fill("gate", gate_stats.ROW, dtype=torch.float64)
         if self.routing.staged:
-            full.update(stage=torch.tensor(2 if self.routing.in_stage2 else 1, device=device), distill_agree=zero())
-        full.update(aux)
+            fill("stage", value=2 if self.routing.in_stage2 else 1)
+            fill("distill_agree")
         return full
 
     @torch.no_grad()
