@@ -9,7 +9,9 @@ projection is one (E, out, in) tensor, experts leading, and one expert's matrix 
 straight into that expert's slice of one gradient tensor per parameter (`torch.mm(..., out=...)`): no per-expert
 gradients stacked by autograd (an `unbind` of the parameters gathers every gradient once more, twice when
 nested). It saves what autograd would for one module per expert (each sublayer's input, LayerNorm output and
-activation) and releases each expert's as soon as its backward has used them.
+activation) and releases each expert's as soon as its backward has used them. Temporaries are overwritten where
+autograd would allocate (ReLU, its backward, the residual sums): on CPU each buffer avoided is memory traffic, and
+for an expert whose rows pass glibc's 32 MB mmap threshold, a fresh mapping and its page faults.
 
 Two classes supply the products and the LayerNorm: `LoopProducts` takes one expert at a time through all its
 sublayers (CPU, where it is the fastest: its rows stay in cache between a product and the next elementwise op),
@@ -138,13 +140,26 @@ class GroupedProducts:
                                                          None, None, [True, False, False])[0]
 
 
+def activate(activation, a):
+    """act(a); ReLU in place: `a` is a temporary, and a second n×4d buffer would be fresh memory (and page faults)
+    for every expert whose rows pass glibc's mmap threshold."""
+    return F.relu_(a) if activation is F.relu else activation(a)
+
+
 def activation_grad(activation, grad, saved):
-    """d act / d a · grad, from what forward saved: ReLU's output (its mask), else its input (recomputed)."""
+    """d act / d a · grad (overwriting `grad`, a temporary, for ReLU), from what forward saved: ReLU's output (its
+    mask), else its input (recomputed)."""
     if activation is F.relu:
-        return torch.ops.aten.threshold_backward(grad, saved, 0)
+        return torch.ops.aten.threshold_backward.grad_input(grad, saved, 0, grad_input=grad)
     with torch.enable_grad():
         a = saved.detach().requires_grad_()
         return torch.autograd.grad(activation(a), a, grad)[0]
+
+
+def residual(x, branch):
+    """x + branch, written into `branch` (a temporary) where it has x's dtype: one n×d buffer fewer per sublayer.
+    Addition commutes exactly, so the sum is the same bits either way."""
+    return branch.add_(x) if branch.dtype == x.dtype else x + branch
 
 
 def sublayer(ops, x, p, activation, dtype):
@@ -152,8 +167,8 @@ def sublayer(ops, x, p, activation, dtype):
     norm_w, norm_b, w1, b1, w2, b2 = p
     ln, norm_saved = ops.norm(x, norm_w, norm_b)
     a = ops.linear(ln.to(dtype), w1.to(dtype), b1.to(dtype))
-    h = activation(a)
-    return x + ops.linear(h, w2.to(dtype), b2.to(dtype)), (norm_saved, h if activation is F.relu else a)
+    h = activate(activation, a)
+    return residual(x, ops.linear(h, w2.to(dtype), b2.to(dtype))), (norm_saved, h if activation is F.relu else a)
 
 
 def sublayer_backward(ops, grad, saved, p, g_p, activation, dtype):
@@ -171,7 +186,7 @@ def sublayer_backward(ops, grad, saved, p, g_p, activation, dtype):
     ops.row_sums(g_a, g_b1)
     g_ln = ops.input_grad(g_a, w1.to(dtype)).to(grad.dtype)
     del g_a
-    return grad + ops.norm_backward(g_ln, norm_saved, norm_w, norm_b, g_norm_w, g_norm_b)
+    return residual(grad, ops.norm_backward(g_ln, norm_saved, norm_w, norm_b, g_norm_w, g_norm_b))
 
 
 class GradientMemory:
