@@ -167,8 +167,8 @@ def sublayer(ops, x, p, activation, dtype):
     norm_w, norm_b, w1, b1, w2, b2 = p
     ln, norm_saved = ops.norm(x, norm_w, norm_b)
     a = ops.linear(ln.to(dtype), w1.to(dtype), b1.to(dtype))
-    h = activate(activation, a)
-    return residual(x, ops.linear(h, w2.to(dtype), b2.to(dtype))), (norm_saved, h if activation is F.relu else a)
+    h = activate(activation, a)  # for ReLU, `a` itself: what its backward needs (the mask) either way
+    return residual(x, ops.linear(h, w2.to(dtype), b2.to(dtype))), (norm_saved, a)
 
 
 def sublayer_backward(ops, grad, saved, p, g_p, activation, dtype):

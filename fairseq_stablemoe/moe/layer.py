@@ -14,7 +14,6 @@ import torch.nn as nn
 from .dispatch import LocalDispatcher
 from .experts import Experts
 from . import gate_stats
-from .gate_stats import gate_row
 from .routing import RoutingDecision, TokenView
 
 
@@ -160,7 +159,7 @@ class MoELayer(nn.Module):
             "dropped": dropped,
         }
         if decision.gate is not None:  # its distribution: what a closing gate does to the experts (issue 20)
-            aux["gate"] = gate_row(decision.gate)
+            aux["gate"] = gate_stats.gate_row(decision.gate)
         if inverse is None:  # dropped tokens pass through unchanged
             return h.index_copy(0, order, y_sorted), aux
         return _Permute.apply(y_sorted, inverse, order), aux

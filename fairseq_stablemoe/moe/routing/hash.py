@@ -74,4 +74,4 @@ class HashRouting(RoutingStrategy):
         # --hash-gate sigmoid: StableMoE's Eq. 14 on the table's expert
         gate = None if self.centroids is None else torch.sigmoid(chosen_affinity(h, self.centroids, expert)[0])
         return RoutingDecision(expert=expert, gate=gate,
-                       stats={"load": expert_load(expert, self.num_experts, global_=self.training)})
+                               stats={"load": expert_load(expert, self.num_experts, global_=self.training)})

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..distilled_router import DistilledRouter, build_distilled_router
-from .base import CentroidRouting, RoutingDecision, TokenView, Vocabulary, affinities, chosen_affinity, load_and_counts
+from .base import (CentroidRouting, RoutingDecision, TokenView, Vocabulary, affinities, chosen_affinity,
+                   load_and_counts)
 from .base_layer import balanced_assignment
 
 
@@ -183,4 +184,4 @@ class StableMoERouting(CentroidRouting):
         agree = (a_hat == s.argmax(-1)).sum()  # logged: how often the frozen router still picks (6)'s expert
         load, counts = load_and_counts(a_hat, self.num_experts, global_=self.training)
         return RoutingDecision(expert=a_hat, gate=gate, stats={"load": load, "distill_agree": agree},
-                       counts=counts)
+                               counts=counts)
