@@ -21,6 +21,11 @@ HASH_GATES = ChoiceEnum(["none", "sigmoid"])
 STAGE2_GATES = ChoiceEnum(["sigmoid", "one"])
 STAGE1_ASSIGNMENTS = ChoiceEnum(["greedy", "balanced"])
 
+# the flags with a closed set of values, each with its set: configs loaded by hydra or Python bypass argparse's choices
+CHOICES = {"distilled_router": DISTILLED_ROUTERS, "moe_routing": ROUTINGS, "hash_type": HASH_TYPES,
+           "hash_gate": HASH_GATES, "stage2_gate": STAGE2_GATES, "stage1_assignment": STAGE1_ASSIGNMENTS,
+           "moe_expert_parallel": EXPERT_PARALLEL_MODES}
+
 logger = logging.getLogger(__name__)
 
 
@@ -154,8 +159,7 @@ class MoESettings:
             return cfg
         raw = {f.name: option(cfg, f.name, f.default) for f in fields(MoELayerConfig)
                if f.name not in ("dictionary_fingerprints", "_name")}
-        for name in ("moe_routing", "hash_type", "hash_gate", "stage2_gate", "stage1_assignment", "distilled_router",
-                     "moe_expert_parallel"):
+        for name in CHOICES:
             raw[name] = str(raw[name])
         validate_layer(raw)
         raw["stage1_updates"] = stage1_schedule(raw["stage1_updates"])
@@ -235,9 +239,7 @@ def validate_layer(cfg: dict):
     if capacity < 0 or eval_capacity < 0:
         fail(f"--capacity-factor/--eval-capacity-factor must be >= 0 (got {capacity}/{eval_capacity}); 0 means "
              f"unlimited")
-    for name, known in (("distilled_router", DISTILLED_ROUTERS), ("moe_routing", ROUTINGS),
-                        ("hash_type", HASH_TYPES), ("hash_gate", HASH_GATES), ("stage2_gate", STAGE2_GATES),
-                        ("stage1_assignment", STAGE1_ASSIGNMENTS), ("moe_expert_parallel", EXPERT_PARALLEL_MODES)):
+    for name, known in CHOICES.items():
         validate_choice(flag(name), cfg[name], known)
     routing = cfg["moe_routing"]
     if cfg["stage1_assignment"] != "greedy" and routing != "stablemoe":
